@@ -1,0 +1,1 @@
+"""multimodal_dev: a Megatron-Core example for mixture-of-experts vision-language models."""
