@@ -1,0 +1,398 @@
+"""Multi-rank tests on CPU: spawn N gloo ranks with megatron-core's parallel state.
+
+    from megatron.mcore_ext.testing import run_distributed
+
+    def body(x):                       # module-level, so the spawned ranks can import it
+        from megatron.core import parallel_state as ps
+        return ps.get_tensor_model_parallel_rank(), x * 2
+
+    results = run_distributed(body, world_size=2, tp=2, args=(21,))   # one result per rank
+
+Each call initialises ``parallel_state`` for the requested TP/PP/CP/EP(/ETP) layout (DP is what
+is left of the world size), seeds megatron's RNG tracker, runs the function on every rank and
+returns the per-rank results in rank order. Parallel state, the RNG tracker and the MoE aux-loss
+tracker are always torn down afterwards, also when the function raises.
+
+The ranks are kept alive between calls (one pool per world size; starting a process that imports
+torch and megatron-core costs seconds on a small machine), with the default gloo process group
+created once. A rank that fails, or a call that exceeds its timeout, kills the whole pool (its
+peers may be stuck in a collective) and the error is re-raised here with the rank's traceback; the
+next call starts a fresh pool.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+import pickle
+import queue as queue_mod
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch.multiprocessing as mp
+
+__all__ = ["ParallelLayout", "run_distributed", "DistributedTestError", "shutdown_pools"]
+
+
+class DistributedTestError(RuntimeError):
+    """A rank raised, died or timed out."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelLayout:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    etp: int | None = None  # expert tensor parallel size; None = megatron's default (= tp)
+
+    def validate(self, world_size: int) -> int:
+        """Return the data-parallel size, or raise if the layout does not fit the world size."""
+        for name in ("tp", "pp", "cp", "ep"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"ParallelLayout.{name} must be a positive int, got {v!r}")
+        mp_size = self.tp * self.pp * self.cp
+        if world_size % mp_size:
+            raise ValueError(
+                f"world_size={world_size} is not divisible by tp*pp*cp={mp_size} ({self})"
+            )
+        etp = self.tp if self.etp is None else self.etp
+        if world_size % (etp * self.ep * self.pp):
+            raise ValueError(
+                f"world_size={world_size} is not divisible by etp*ep*pp={etp * self.ep * self.pp} ({self})"
+            )
+        return world_size // mp_size
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _setup_layout(layout: ParallelLayout, seed: int) -> None:
+    import torch
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+def _teardown_layout() -> None:
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe import moe_utils
+
+    try:
+        moe_utils.clear_aux_losses_tracker()
+    except Exception:  # the tracker may not exist yet; nothing to clear then
+        pass
+    ps.destroy_model_parallel()
+
+
+def _worker_main(rank: int, world_size: int, port: int, task_q, result_q) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    from megatron.mcore_ext import cpu_runtime
+
+    cpu_runtime.apply()
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=300),
+    )
+    result_q.put((rank, "ready", None))
+    while True:
+        msg = task_q.get()
+        if msg is None:
+            break
+        sys_path, payload = msg
+        for p in reversed(sys_path):
+            if p not in sys.path:
+                sys.path.insert(0, p)
+        try:
+            fn, layout, seed, args, kwargs = pickle.loads(payload)
+            _setup_layout(layout, seed)
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                _teardown_layout()
+            result_q.put((rank, "ok", pickle.dumps(out)))
+        except BaseException:  # report everything, including assertion errors, to the parent
+            result_q.put((rank, "error", traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class _Pool:
+    def __init__(self, world_size: int, start_timeout: float = 300.0):
+        ctx = mp.get_context("spawn")
+        self.world_size = world_size
+        port = _free_port()
+        self.result_q = ctx.Queue()
+        self.task_qs = [ctx.Queue() for _ in range(world_size)]
+        self.procs = [
+            ctx.Process(
+                target=_worker_main,
+                args=(r, world_size, port, self.task_qs[r], self.result_q),
+                daemon=True,
+                name=f"mcore-test-rank{r}",
+            )
+            for r in range(world_size)
+        ]
+        for p in self.procs:
+            p.start()
+        self._collect(start_timeout, expect="ready")
+
+    def _collect(self, timeout: float, expect: str) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        got: dict[int, Any] = {}
+        while len(got) < self.world_size:
+            try:
+                rank, status, payload = self.result_q.get(timeout=1.0)
+            except queue_mod.Empty:
+                dead = [p for p in self.procs if not p.is_alive()]
+                if dead:
+                    raise DistributedTestError(
+                        f"rank process {dead[0].name} died (exit code {dead[0].exitcode})"
+                    )
+                if time.monotonic() > deadline:
+                    missing = sorted(set(range(self.world_size)) - set(got))
+                    raise DistributedTestError(
+                        f"timed out after {timeout:.0f}s waiting for ranks {missing}"
+                    )
+                continue
+            if status == "error":
+                raise DistributedTestError(f"rank {rank} raised:\n{payload}")
+            if status != expect:
+                raise DistributedTestError(f"rank {rank}: unexpected status {status!r}")
+            got[rank] = payload
+        return [got[r] for r in range(self.world_size)]
+
+    def run(self, fn, layout: ParallelLayout, seed: int, args, kwargs, timeout: float) -> list[Any]:
+        payload = pickle.dumps((fn, layout, seed, args, kwargs))
+        for q in self.task_qs:
+            q.put((list(sys.path), payload))
+        results = self._collect(timeout, expect="ok")
+        return [pickle.loads(r) for r in results]
+
+    def close(self, graceful: bool = True) -> None:
+        if graceful:
+            for q in self.task_qs:
+                try:
+                    q.put(None)
+                except Exception:
+                    pass
+            for p in self.procs:
+                p.join(timeout=10)
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+
+_POOLS: dict[int, _Pool] = {}
+
+
+def shutdown_pools() -> None:
+    """Stop every cached rank pool (also done at interpreter exit)."""
+    while _POOLS:
+        _, pool = _POOLS.popitem()
+        pool.close()
+
+
+atexit.register(shutdown_pools)
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    cp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    seed: int = 1234,
+    timeout: float = 600.0,
+) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks under the given parallel layout.
+
+    ``fn`` must be importable by name (a module-level function) and its return value picklable.
+    Returns the list of per-rank return values, in rank order.
+    """
+    layout = ParallelLayout(tp=tp, pp=pp, cp=cp, ep=ep, etp=etp)
+    layout.validate(world_size)
+    pool = _POOLS.get(world_size)
+    if pool is None:
+        pool = _POOLS[world_size] = _Pool(world_size)
+    try:
+        return pool.run(fn, layout, seed, args, kwargs or {}, timeout)
+    except BaseException as exc:
+        _POOLS.pop(world_size, None)
+        pool.close(graceful=False)
+        if isinstance(exc, DistributedTestError):
+            raise DistributedTestError(f"{fn.__qualname__} on {layout}, world_size={world_size}: {exc}") from None
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny models and moving weights between one-process references and sharded (TP/EP/PP) models.
+# ---------------------------------------------------------------------------------------------
+
+
+def tiny_moe_gpt(
+    *,
+    num_layers: int = 2,
+    hidden_size: int = 32,
+    num_attention_heads: int = 4,
+    num_query_groups: int | None = None,
+    num_moe_experts: int | None = 4,
+    moe_router_topk: int = 2,
+    ffn_hidden_size: int = 64,
+    vocab_size: int = 64,
+    max_sequence_length: int = 64,
+    moe_layer_freq: int | list[int] = 1,
+    sequence_parallel: bool = False,
+    parallel_output: bool = True,
+    **config_overrides,
+):
+    """A small megatron-core ``GPTModel`` with MoE layers (local spec, allgather dispatcher, fp32).
+
+    Parallel sizes are read from the initialised ``parallel_state``; ``config_overrides`` go into
+    the ``TransformerConfig`` (e.g. ``moe_aux_loss_coeff``, ``moe_router_enable_expert_bias``).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
+        get_gpt_layer_local_spec,
+    )
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    cfg_kwargs = dict(
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_attention_heads=num_attention_heads,
+        num_query_groups=num_query_groups,
+        ffn_hidden_size=ffn_hidden_size,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        context_parallel_size=ps.get_context_parallel_world_size(),
+        expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
+        expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
+        sequence_parallel=sequence_parallel,
+        use_cpu_initialization=True,
+        add_bias_linear=False,
+        params_dtype=__import__("torch").float32,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+    if num_moe_experts:
+        cfg_kwargs.update(
+            num_moe_experts=num_moe_experts,
+            moe_router_topk=moe_router_topk,
+            moe_ffn_hidden_size=ffn_hidden_size,
+            moe_token_dispatcher_type="allgather",
+            moe_layer_freq=moe_layer_freq,
+            moe_aux_loss_coeff=0.0,
+            moe_z_loss_coeff=None,
+        )
+    cfg_kwargs.update(config_overrides)
+    config = TransformerConfig(**cfg_kwargs)
+    from megatron.mcore_ext.norm import use_torch_norm
+
+    if num_moe_experts:
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="LayerNorm")
+    else:
+        spec = get_gpt_layer_local_spec()
+    # torch's own norm refuses sequence parallelism; ours supports it (see megatron.mcore_ext.norm)
+    spec = use_torch_norm(spec)
+    return GPTModel(
+        config,
+        spec,
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        parallel_output=parallel_output,
+    )
+
+
+def _placements(model) -> dict[str, tuple[str, tuple, tuple]]:
+    """Local parameter name -> (global key, index into the global tensor, global shape)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    out = {}
+    for name, st in model.sharded_state_dict().items():
+        if not isinstance(st, ShardedTensor):
+            continue
+        if st.flattened_range is not None:
+            raise NotImplementedError(f"{name}: flattened (distributed-optimizer) shards are not supported")
+        n_pre = st.prepend_axis_num
+        idx = tuple(st.global_offset[:n_pre]) + tuple(
+            slice(off, off + size) for off, size in zip(st.global_offset[n_pre:], st.data.shape)
+        )
+        out[name] = (st.key, idx, tuple(st.global_shape))
+    return out
+
+
+def global_tensors(model, which: str = "data") -> dict[str, Any]:
+    """Gather a model's parameters (``which="data"``) or grads (``"grad"``) by global key.
+
+    In one process this gives full tensors; on a sharded rank only the local slices are filled
+    (the rest is NaN), which is enough to compare slices or to feed ``load_global_tensors``.
+    """
+    import torch
+
+    params = dict(model.named_parameters())
+    full: dict[str, torch.Tensor] = {}
+    for name, (key, idx, shape) in _placements(model).items():
+        src = params[name] if which == "data" else params[name].grad
+        if src is None:
+            continue
+        t = full.setdefault(key, torch.full(shape, float("nan"), dtype=src.dtype))
+        t[idx] = src.detach()
+    return full
+
+
+def load_global_tensors(model, full: dict[str, Any]) -> None:
+    """Copy every parameter's slice out of global tensors (as made by ``global_tensors``)."""
+    import torch
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, (key, idx, shape) in _placements(model).items():
+            if key not in full:
+                raise KeyError(f"no global tensor '{key}' for parameter '{name}'")
+            if tuple(full[key].shape) != shape:
+                raise ValueError(f"global tensor '{key}' has shape {tuple(full[key].shape)}, expected {shape}")
+            params[name].copy_(full[key][idx])
+
+
+def local_slices(model, full: dict[str, Any]) -> dict[str, Any]:
+    """Parameter name -> the slice of ``full`` (global tensors) this rank holds."""
+    return {name: full[key][idx] for name, (key, idx, _) in _placements(model).items() if key in full}
