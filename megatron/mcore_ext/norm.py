@@ -10,11 +10,9 @@ zero-centred gamma, i.e. the weight stored as ``gamma - 1``).
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-__all__ = ["TorchNorm", "use_torch_norm"]
+__all__ = ["TorchNorm"]
 
 
 class TorchNorm(torch.nn.Module):
@@ -41,38 +39,3 @@ class TorchNorm(torch.nn.Module):
         if self.kind == "LayerNorm":
             return torch.nn.functional.layer_norm(x, (x.shape[-1],), w, self.bias, self.eps)
         return torch.nn.functional.rms_norm(x, (x.shape[-1],), w, self.eps)
-
-
-def use_torch_norm(spec):
-    """Return a copy of a megatron-core spec tree with every torch/apex norm replaced by TorchNorm.
-
-    Walks ``ModuleSpec`` / submodule dataclasses / lists; replaces ``WrappedTorchNorm`` and
-    ``FusedLayerNorm`` wherever they stand (layer norms, pre-MLP norms, QK norms, final norm).
-    """
-    from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    targets = {WrappedTorchNorm}
-    try:
-        from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
-
-        targets.add(FusedLayerNorm)
-    except Exception:  # apex-less environments may fail to import it; nothing to replace then
-        pass
-
-    def walk(obj):
-        if isinstance(obj, type) and obj in targets:
-            return TorchNorm
-        if isinstance(obj, ModuleSpec):
-            module = TorchNorm if obj.module in targets else obj.module
-            return dataclasses.replace(obj, module=module, submodules=walk(obj.submodules))
-        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            changes = {f.name: walk(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-            return dataclasses.replace(obj, **changes)
-        if isinstance(obj, list):
-            return [walk(o) for o in obj]
-        if isinstance(obj, tuple):
-            return tuple(walk(o) for o in obj)
-        return obj
-
-    return walk(spec)

@@ -323,14 +323,15 @@ def tiny_moe_gpt(
         )
     cfg_kwargs.update(config_overrides)
     config = TransformerConfig(**cfg_kwargs)
-    from megatron.mcore_ext.norm import use_torch_norm
+    from megatron.mcore_ext.spec import local_spec
 
     if num_moe_experts:
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="LayerNorm")
     else:
         spec = get_gpt_layer_local_spec()
-    # torch's own norm refuses sequence parallelism; ours supports it (see megatron.mcore_ext.norm)
-    spec = use_torch_norm(spec)
+    # torch's own norm refuses sequence parallelism and the local attention knows neither THD nor
+    # CP: take our pure-PyTorch ones (megatron.mcore_ext.norm / .attention)
+    spec = local_spec(spec)
     return GPTModel(
         config,
         spec,

@@ -1,0 +1,49 @@
+"""Swap implementations inside megatron-core ModuleSpec trees (instead of patching the library)."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+__all__ = ["replace_modules", "local_spec"]
+
+
+def replace_modules(spec, mapping: Mapping[type, type]):
+    """Return a copy of ``spec`` with every module class in ``mapping`` replaced by its value.
+
+    Walks ``ModuleSpec`` objects, submodule dataclasses (e.g. ``TransformerLayerSubmodules``,
+    ``TransformerBlockSubmodules``), lists and tuples; classes may stand bare or inside specs.
+    """
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    def walk(obj):
+        if isinstance(obj, type):
+            return mapping.get(obj, obj)
+        if isinstance(obj, ModuleSpec):
+            return dataclasses.replace(obj, module=walk(obj.module), submodules=walk(obj.submodules))
+        if dataclasses.is_dataclass(obj):
+            return dataclasses.replace(obj, **{f.name: walk(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init})
+        if isinstance(obj, list):
+            return [walk(o) for o in obj]
+        if isinstance(obj, tuple):
+            return tuple(walk(o) for o in obj)
+        return obj
+
+    return walk(spec)
+
+
+def local_spec(spec):
+    """Our pure-PyTorch pieces in a megatron-core local spec: SP-capable norms, THD/CP attention."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    from megatron.mcore_ext.attention import TorchDotProductAttention
+    from megatron.mcore_ext.norm import TorchNorm
+
+    mapping = {WrappedTorchNorm: TorchNorm, DotProductAttention: TorchDotProductAttention}
+    try:
+        from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+
+        mapping[FusedLayerNorm] = TorchNorm
+    except Exception:  # not importable without apex in some builds: nothing to replace then
+        pass
+    return replace_modules(spec, mapping)
