@@ -75,7 +75,7 @@ if [ "$system_site" = 1 ]; then
     done
   fi
   .venv/bin/python -c 'import megatron.core as m; v = m.__version__
-if v != "0.19.2": print(f"setup.sh: warning: this environment has megatron-core {v}; the project is tested with 0.19.2")'
+if v.split("+")[0] != "0.19.2": print(f"setup.sh: warning: this environment has megatron-core {v}; the project is tested with 0.19.2")'
 else
   extra=""
   [ "$want_test" = 1 ] && extra="[test]"

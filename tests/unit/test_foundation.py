@@ -1,0 +1,82 @@
+"""Packaging (namespace portion), the multi-rank test harness, and the README's demo."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from megatron.mcore_ext.testing import DistributedTestError, run_distributed
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_megatron_namespace_is_shared_not_shadowed():
+    import megatron
+    import megatron.core
+    import megatron.mcore_ext
+
+    import multimodal_dev
+
+    assert not (REPO / "megatron" / "__init__.py").exists()
+    assert "site-packages" in megatron.core.__file__, megatron.core.__file__
+    assert megatron.core.__version__.split("+")[0] == "0.19.2"  # it appends the cwd's git hash
+    assert pathlib.Path(megatron.mcore_ext.__file__).is_relative_to(REPO / "megatron") or (
+        "site-packages" in megatron.mcore_ext.__file__
+    )
+    assert len(list(megatron.__path__)) >= 2  # our portion and megatron-core's
+    assert pathlib.Path(multimodal_dev.__file__).parent.name == "multimodal_dev"
+
+
+def _ranks_and_groups():
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    return {
+        "rank": dist.get_rank(),
+        "tp": (ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()),
+        "cp": (ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()),
+        "ep": ps.get_expert_model_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+    }
+
+
+def _fail_on_rank_1():
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        raise ValueError("deliberate failure on rank 1")
+    dist.barrier()  # rank 0 would wait here forever: the harness must kill it
+    return "unreachable"
+
+
+def test_run_distributed_layouts_and_rank_order():
+    res = run_distributed(_ranks_and_groups, world_size=4, tp=2, cp=2)
+    assert [r["rank"] for r in res] == [0, 1, 2, 3]
+    assert [r["tp"] for r in res] == [(2, 0), (2, 1), (2, 0), (2, 1)]
+    assert [r["cp"] for r in res] == [(2, 0), (2, 0), (2, 1), (2, 1)]
+    assert all(r["dp"] == 1 for r in res)
+    # the same pool, another layout: the state of the previous call was torn down
+    res = run_distributed(_ranks_and_groups, world_size=4, ep=2)
+    assert all(r["tp"] == (1, 0) and r["ep"] == 2 and r["dp"] == 4 for r in res)
+
+
+def test_run_distributed_reports_failures_and_recovers():
+    with pytest.raises(DistributedTestError, match="deliberate failure on rank 1"):
+        run_distributed(_fail_on_rank_1, world_size=2, timeout=120)
+    res = run_distributed(_ranks_and_groups, world_size=2, tp=2)  # a fresh pool works
+    assert [r["tp"][1] for r in res] == [0, 1]
+
+
+def test_run_distributed_rejects_impossible_layout():
+    with pytest.raises(ValueError, match="not divisible by tp\\*pp\\*cp"):
+        run_distributed(_ranks_and_groups, world_size=2, tp=4)
+
+
+def test_readme_demo_runs():
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "multimodal_dev.demo"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "BSHD - THD| loss difference" in proc.stdout
