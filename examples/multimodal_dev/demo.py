@@ -38,6 +38,7 @@ def _init_world():
     if not on_cpu:
         torch.cuda.set_device(0)
     ps.initialize_model_parallel()
+    torch.manual_seed(1234)  # CPU-side init (use_cpu_initialization) draws from the CPU generator
     model_parallel_cuda_manual_seed(1234)
     return on_cpu
 

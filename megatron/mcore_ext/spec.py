@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 
 __all__ = ["replace_modules", "local_spec"]
@@ -10,7 +11,7 @@ __all__ = ["replace_modules", "local_spec"]
 def replace_modules(spec, mapping: Mapping[type, type]):
     """Return a copy of ``spec`` with every module class in ``mapping`` replaced by its value.
 
-    Walks ``ModuleSpec`` objects, submodule dataclasses (e.g. ``TransformerLayerSubmodules``,
+    Walks ``ModuleSpec`` objects, ``functools.partial`` builders, submodule dataclasses (e.g. ``TransformerLayerSubmodules``,
     ``TransformerBlockSubmodules``), lists and tuples; classes may stand bare or inside specs.
     """
     from megatron.core.transformer.spec_utils import ModuleSpec
@@ -18,6 +19,10 @@ def replace_modules(spec, mapping: Mapping[type, type]):
     def walk(obj):
         if isinstance(obj, type):
             return mapping.get(obj, obj)
+        if isinstance(obj, functools.partial):  # e.g. partial(MoELayer, submodules=MoESubmodules(...))
+            return functools.partial(
+                walk(obj.func), *walk(obj.args), **{k: walk(v) for k, v in obj.keywords.items()}
+            )
         if isinstance(obj, ModuleSpec):
             return dataclasses.replace(obj, module=walk(obj.module), submodules=walk(obj.submodules))
         if dataclasses.is_dataclass(obj):
