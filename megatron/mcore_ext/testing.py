@@ -94,12 +94,10 @@ def _setup_layout(layout: ParallelLayout, seed: int) -> None:
 
 def _teardown_layout() -> None:
     from megatron.core import parallel_state as ps
-    from megatron.core.transformer.moe import moe_utils
 
-    try:
-        moe_utils.clear_aux_losses_tracker()
-    except Exception:  # the tracker may not exist yet; nothing to clear then
-        pass
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    get_moe_metrics_tracker().clear()
     ps.destroy_model_parallel()
 
 
@@ -274,9 +272,13 @@ def tiny_moe_gpt(
     moe_layer_freq: int | list[int] = 1,
     sequence_parallel: bool = False,
     parallel_output: bool = True,
+    padding_aware_router: bool = True,
     **config_overrides,
 ):
     """A small megatron-core ``GPTModel`` with MoE layers (local spec, allgather dispatcher, fp32).
+
+    Uses our pure-PyTorch attention and norms and, unless ``padding_aware_router=False``, our
+    padding-aware router.
 
     Parallel sizes are read from the initialised ``parallel_state``; ``config_overrides`` go into
     the ``TransformerConfig`` (e.g. ``moe_aux_loss_coeff``, ``moe_router_enable_expert_bias``).
@@ -332,6 +334,10 @@ def tiny_moe_gpt(
     # torch's own norm refuses sequence parallelism and the local attention knows neither THD nor
     # CP: take our pure-PyTorch ones (megatron.mcore_ext.norm / .attention)
     spec = local_spec(spec)
+    if padding_aware_router:  # False: megatron-core 0.19.2's own TopKRouter (for regression tests)
+        from megatron.mcore_ext.router import use_padding_aware_router
+
+        spec = use_padding_aware_router(spec)
     return GPTModel(
         config,
         spec,

@@ -1,0 +1,373 @@
+"""A TopKRouter whose routing statistics ignore padding exactly, under TP/SP, EP, CP and DP.
+
+Plug it in through the MoE layer spec (``MoESubmodules.router``); see ``use_padding_aware_router``.
+``padding_mask`` follows megatron-core 0.19.2's *code* (and DESIGN.md section 2): True = a position
+the collate added. (Some 0.19.2 docstrings, e.g. ``TopKRouter.routing``, say the opposite.)
+
+Conventions. Every rank of the TP x CP group that shares a sequence computes a *partial* loss; the
+partials sum to the one-process loss over the valid tokens of that sequence (megatron-core's own
+convention: it sums router-weight grads over TP under sequence parallelism and compensates the
+DDP average over CP in ``MoEAuxLossAutoScaler``'s scale). What this module changes:
+
+* z-loss: ``coeff * sum_{local valid} logsumexp(logits)^2 / N_valid(TP x CP)``. Upstream divides
+  each rank's sum by its *own* valid count and weights ranks equally (``coeff / tp_cp``), which is
+  biased whenever ranks hold different numbers of valid tokens (uneven padding under CP / SP).
+* aux_loss: as upstream, from the padding-masked routing map and scores, with the token counts
+  (numerator ``f_i`` and the denominator ``T``) reduced over TP x CP; guarded so that a micro-batch
+  of nothing but padding gives 0, not 0/0.
+* seq_aux_loss: per sequence, each sequence normalised by its *own* valid token count (upstream
+  uses the average over the batch, which is wrong when sequences are padded differently). For
+  packed (THD) batches, ``sequence_ids(...)`` tells the router which packed sample a token is in.
+* global_aux_loss: counts and denominator over TP x DP x CP, accumulated over micro-batches; the
+  attached loss is scaled by the DP size because DDP *averages* router grads over DP while the
+  per-rank partials are shares of one global loss (upstream's gradient is 1/DP of its logged loss).
+* expert bias: ``local_tokens_per_expert`` counts valid tokens only (upstream crashes here: it ands
+  a [tokens, experts] map with a [tokens] mask). finalize_model_grads sums it over TP x DP x CP.
+* diagnostics (on by default, cheap): per layer, tokens per expert and the router entropy from the
+  clean probabilities (before input jitter and expert bias), valid tokens only; see
+  ``collect_router_diagnostics``.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.moe.router import TopKRouter
+
+try:  # 0.19.2: the metrics tracker lives in moe_logging
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+except ImportError:  # pragma: no cover - older layouts
+    get_moe_metrics_tracker = None
+
+__all__ = [
+    "PaddingAwareTopKRouter",
+    "sequence_ids",
+    "use_padding_aware_router",
+    "collect_router_diagnostics",
+    "RouterDiagnostics",
+]
+
+_SEQUENCE_IDS: contextvars.ContextVar = contextvars.ContextVar("mcore_ext_router_sequence_ids", default=None)
+
+
+@contextlib.contextmanager
+def sequence_ids(ids: Optional[torch.Tensor], num_sequences: Optional[int] = None):
+    """Tell routers which sequence each token belongs to (for ``seq_aux_loss`` on packed batches).
+
+    ``ids``: long tensor laid out like the router's tokens (``[s, b]`` as the decoder sees them,
+    i.e. after the CP split and, with sequence parallelism, after the SP scatter), values in
+    ``[0, num_sequences)``. ``num_sequences`` must be the same on every rank of the TP x CP group
+    (the number of packed samples of the micro-batch); default ``ids.max() + 1``.
+    Without this context a BSHD batch's sequences are its batch columns.
+    """
+    if ids is None:
+        yield
+        return
+    n = int(ids.max()) + 1 if num_sequences is None else int(num_sequences)
+    token = _SEQUENCE_IDS.set((ids, n))
+    try:
+        yield
+    finally:
+        _SEQUENCE_IDS.reset(token)
+
+
+def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def _group_size(group) -> int:
+    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+
+
+class PaddingAwareTopKRouter(TopKRouter):
+    """``TopKRouter`` with padding masked at every routing statistic (see the module docstring)."""
+
+    #: record tokens-per-expert / entropy diagnostics (one [T, E] pass per layer; cheap)
+    record_diagnostics: bool = True
+    #: send padded tokens to no expert (upstream dispatches them with full weight)
+    mask_padding_dispatch: bool = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        E = self.config.num_moe_experts
+        dev = self.weight.device
+        self.register_buffer("diag_tokens_per_expert", torch.zeros(E, dtype=torch.float64, device=dev), persistent=False)
+        self.register_buffer("diag_entropy_sum", torch.zeros((), dtype=torch.float64, device=dev), persistent=False)
+        self.register_buffer("diag_valid_tokens", torch.zeros((), dtype=torch.float64, device=dev), persistent=False)
+        # running valid-token total for global_aux_loss (upstream normalises the running expert
+        # counts by the *current* micro-batch's token count)
+        self.register_buffer("global_valid_tokens", torch.zeros((), dtype=torch.float32, device=dev), persistent=False)
+        self._clean_logits = None
+
+    # ------------------------------------------------------------------ forward / diagnostics
+    def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        if padding_mask is not None:
+            if padding_mask.shape != input.shape[:-1]:
+                raise ValueError(
+                    f"router padding_mask has shape {tuple(padding_mask.shape)} but the router's "
+                    f"tokens are {tuple(input.shape[:-1])} ([s, b] as the MoE layer sees them: after "
+                    "the CP split and the sequence-parallel scatter)"
+                )
+            padding_mask = padding_mask.bool()
+        if self.record_diagnostics and self.config.moe_input_jitter_eps is not None:
+            with torch.no_grad():  # clean logits: no jitter
+                self._clean_logits = self.gating(input).detach()
+        else:
+            self._clean_logits = None
+        probs, routing_map = super().forward(input, padding_mask=padding_mask)
+        self._clean_logits = None
+        if padding_mask is not None and self.mask_padding_dispatch:
+            # Padded tokens go to no expert: no expert FLOPs, no dispatch traffic. (The aux losses
+            # are attached upstream of probs, so this changes nothing for them.)
+            valid = ~padding_mask.reshape(-1, 1)
+            routing_map = routing_map & valid
+            probs = probs * valid
+        return probs, routing_map
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        if self._diagnostics_on():
+            clean = self._clean_logits if self._clean_logits is not None else logits
+            self._record(clean.reshape(-1, self.config.num_moe_experts), padding_mask)
+        return super().routing(logits, padding_mask=padding_mask)
+
+    def _diagnostics_on(self) -> bool:
+        # Like the expert-bias counts: not in the no-grad first pass of activation recomputation
+        # (the recomputed pass counts), but yes in evaluation.
+        return self.record_diagnostics and (torch.is_grad_enabled() or not self.training)
+
+    @torch.no_grad()
+    def _record(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
+        """Accumulate valid tokens per expert (top-k of the clean scores) and the entropy sum."""
+        logits = logits.float()
+        if self.score_function == "softmax":
+            p = torch.softmax(logits, dim=-1)
+        elif self.score_function == "sigmoid":
+            p = torch.sigmoid(logits)
+            p = p / (p.sum(-1, keepdim=True) + 1e-20)
+        else:  # sqrtsoftplus
+            p = torch.nn.functional.softplus(logits).sqrt()
+            p = p / (p.sum(-1, keepdim=True) + 1e-20)
+        valid = torch.ones(p.shape[0], dtype=torch.bool, device=p.device) if padding_mask is None else ~padding_mask.reshape(-1)
+        ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+        self.diag_entropy_sum += (ent * valid).sum().double()
+        self.diag_valid_tokens += valid.sum().double()
+
+    def _count_dispatched(self, routing_map: torch.Tensor, padding_mask: Optional[torch.Tensor]):
+        if self._diagnostics_on():
+            rm = routing_map if padding_mask is None else routing_map & ~padding_mask.reshape(-1, 1)
+            self.diag_tokens_per_expert += rm.sum(0).double()
+
+    def reset_diagnostics(self):
+        self.diag_tokens_per_expert.zero_()
+        self.diag_entropy_sum.zero_()
+        self.diag_valid_tokens.zero_()
+
+    # ------------------------------------------------------------------ z-loss
+    def apply_z_loss(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        if self.config.moe_z_loss_coeff is None or not self.training or not torch.is_grad_enabled():
+            return logits
+        coeff = self.config.moe_z_loss_coeff
+        z = torch.logsumexp(logits.float(), dim=-1).square()
+        if padding_mask is not None:
+            valid = ~padding_mask.reshape(-1)
+            z = z * valid
+            n_local = valid.sum().to(torch.float32)
+        else:
+            n_local = torch.tensor(float(z.shape[0]), device=z.device)
+        n_global = _all_reduce(n_local.detach(), self.tp_cp_group)
+        # shares of coeff * mean over the valid tokens of the TP x CP group
+        partial = z.sum() * coeff / n_global.clamp_min(1.0) * self._mtp_scale()
+        if self.calculate_per_token_loss:
+            attached = partial * n_global  # = coeff * local valid sum (finalize divides by all tokens)
+        else:
+            attached = partial
+        logits = MoEAuxLossAutoScaler.apply(logits, attached)
+        self._record_metric("z_loss", partial / coeff, reduce_group=self.tp_cp_group, needs_dp_avg=True)
+        return logits
+
+    # ------------------------------------------------------------------ load-balancing losses
+    def _lbl_partial(
+        self,
+        scores: torch.Tensor,
+        routing_map: torch.Tensor,
+        reduce_group,
+        group_ids: Optional[torch.Tensor] = None,
+        num_groups: int = 1,
+        accumulate: bool = False,
+    ):
+        """This rank's share of the mean over groups g of the Switch load-balancing loss:
+
+            L_g = E * sum_i f_gi * P_gi,   f_gi = c_gi / (k * T_g),   P_gi = (sum_t s_ti) / T_g
+
+        with ``c_gi`` the valid tokens of group g routed to expert i and ``T_g`` the valid tokens
+        of group g, both reduced over ``reduce_group``; this rank adds only its own tokens' scores
+        to ``P``, so the partials sum over ``reduce_group`` to ``L``. ``scores``/``routing_map`` are
+        already zero at padded tokens. Groups without valid tokens are left out of the mean.
+        With ``accumulate`` (global_aux_loss) ``f`` uses the running counts of the global batch.
+        Returns (partial loss, valid tokens of the whole group).
+        """
+        E, k = self.config.num_moe_experts, self.topk
+        rm = routing_map.float()
+        if group_ids is None:
+            c_local = rm.sum(0, keepdim=True)  # [1, E]
+            p_local = scores.float().sum(0, keepdim=True)
+        else:
+            c_local = torch.zeros(num_groups, E, device=rm.device).index_add_(0, group_ids, rm)
+            p_local = torch.zeros(num_groups, E, device=rm.device).index_add_(0, group_ids, scores.float())
+        c = _all_reduce(c_local.detach(), reduce_group)
+        T = c.sum(-1) / k  # [G]
+        if accumulate:
+            self.global_tokens_per_expert += c[0]
+            self.global_valid_tokens += T[0]
+            self.ga_steps += 1
+            f = self.global_tokens_per_expert[None] / (k * self.global_valid_tokens.clamp_min(1.0))
+        else:
+            f = c / (k * T.clamp_min(1.0))[:, None]
+        per_group = E * (f * p_local).sum(-1) / T.clamp_min(1.0)
+        nonempty = T > 0
+        per_group = torch.where(nonempty, per_group, torch.zeros_like(per_group))
+        return per_group.sum() / nonempty.sum().clamp_min(1), T.sum()
+
+    def reset_global_aux_loss_tracker(self):
+        super().reset_global_aux_loss_tracker()
+        self.global_valid_tokens.zero_()
+
+    def _mtp_scale(self) -> float:
+        # a repeated MTP layer runs mtp_num_layers times: count its losses once
+        if self.is_mtp_layer and self.config.mtp_use_repeated_layer and self.config.mtp_num_layers:
+            return 1.0 / self.config.mtp_num_layers
+        return 1.0
+
+    def _attach(self, probs, coeff, partial, name, reduce_group, needs_dp_avg, group_valid, grad_scale=1.0):
+        partial = partial * self._mtp_scale()
+        self._record_metric(name, partial, reduce_group=reduce_group, needs_dp_avg=needs_dp_avg)
+        if self.calculate_per_token_loss:
+            # Grads are summed over DP and finalize_model_grads divides them by the global token
+            # count; the partials are shares of a mean over ``group_valid`` tokens, so multiply
+            # that (rank-constant) count back in. (Upstream multiplies by this rank's own count
+            # times tp_cp, over-weighting the ranks with more valid tokens.)
+            attached = partial * coeff * group_valid
+        else:
+            attached = partial * coeff * grad_scale
+        return MoEAuxLossAutoScaler.apply(probs, attached)
+
+    def _apply_aux_loss(self, probs, scores_for_aux_loss, routing_map, with_padding_mask=False):
+        coeff = self.get_aux_loss_coeff("aux_loss")
+        if coeff == 0:
+            return probs
+        partial, n_group = self._lbl_partial(scores_for_aux_loss, routing_map, self.tp_cp_group)
+        return self._attach(probs, coeff, partial, "load_balancing_loss", self.tp_cp_group, True, n_group)
+
+    def _apply_seq_aux_loss(self, probs, scores_for_aux_loss, routing_map, seq_length, bsz, with_padding_mask=False):
+        coeff = self.get_aux_loss_coeff("seq_aux_loss")
+        if coeff == 0:
+            return probs
+        ctx = _SEQUENCE_IDS.get()
+        if ctx is not None:
+            ids, n = ctx
+            ids = ids.reshape(-1).to(routing_map.device, torch.long)
+            if ids.numel() != routing_map.shape[0]:
+                raise ValueError(
+                    f"sequence_ids has {ids.numel()} entries but the router has {routing_map.shape[0]} "
+                    "tokens; give ids in the router's layout (after CP split and SP scatter)"
+                )
+        else:  # BSHD: token t of the flattened [s, b] is in sequence t % b
+            ids = torch.arange(routing_map.shape[0], device=routing_map.device) % bsz
+            n = bsz
+        partial, n_group = self._lbl_partial(scores_for_aux_loss, routing_map, self.tp_cp_group, ids, n)
+        return self._attach(probs, coeff, partial, "seq_load_balancing_loss", self.tp_cp_group, True, n_group)
+
+    def _apply_global_aux_loss(self, probs, scores_for_aux_loss, routing_map, with_padding_mask=False):
+        coeff = self.get_aux_loss_coeff("global_aux_loss")
+        if coeff == 0:
+            return probs
+        partial, n_group = self._lbl_partial(
+            scores_for_aux_loss, routing_map, self.tp_dp_cp_group, accumulate=True
+        )
+        # Partials sum over TP x DP x CP to the global loss; DDP averages router grads over DP, so
+        # the gradient-carrying copy is scaled by the DP size (CP is compensated by megatron's
+        # aux-loss scale; with calculate_per_token_loss grads are summed, see _attach).
+        dp = _group_size(self.tp_dp_cp_group) // max(1, _group_size(self.tp_cp_group))
+        return self._attach(
+            probs, coeff, partial, "global_load_balancing_loss", self.tp_dp_cp_group, False, n_group, grad_scale=dp
+        )
+
+    # ------------------------------------------------------------------ expert bias
+    def _apply_expert_bias(self, routing_map: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        # Called once per routing() with the dispatch map: count it for the diagnostics too.
+        self._count_dispatched(routing_map, padding_mask)
+        if self.enable_expert_bias and torch.is_grad_enabled():
+            with torch.no_grad():
+                if padding_mask is not None:
+                    routing_map = routing_map & ~padding_mask.reshape(-1, 1)
+                self.local_tokens_per_expert += routing_map.sum(dim=0)
+
+    # ------------------------------------------------------------------ logging
+    def _record_metric(self, name, value, reduce_group, needs_dp_avg):
+        if get_moe_metrics_tracker is None:
+            return
+        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
+        layer_number = self.layer_number + (self.config.num_layers if self.is_mtp_layer else 0)
+        get_moe_metrics_tracker().record(
+            name, value.detach(), layer_number, num_layers, reduce_group=reduce_group, needs_dp_avg=needs_dp_avg
+        )
+
+
+def use_padding_aware_router(spec):
+    """Return a copy of a megatron-core spec tree with ``TopKRouter`` replaced by ours."""
+    from megatron.mcore_ext.spec import replace_modules
+
+    return replace_modules(spec, {TopKRouter: PaddingAwareTopKRouter})
+
+
+class RouterDiagnostics(dict):
+    """Per MoE layer (in layer order): tokens_per_expert, entropy, load_balance, max_min_ratio."""
+
+
+@torch.no_grad()
+def collect_router_diagnostics(model, reset: bool = True) -> list[dict]:
+    """Reduce every PaddingAwareTopKRouter's accumulated statistics to global values.
+
+    Token counts and entropy sums are summed over the ranks that hold *different* tokens: DP x CP,
+    and TP when sequence parallelism is on (without it the TP ranks see the same tokens). Must be
+    called on every rank of those groups. Returns one dict per MoE layer:
+      layer, tokens_per_expert (list), valid_tokens, entropy (mean nats per valid token, from the
+      clean probabilities), load_balance (mean / max expert load: 1.0 = perfect balance, 1/E = all
+      on one expert), max_min_ratio (max / min expert load; inf if an expert got nothing).
+    """
+    from megatron.core import parallel_state as ps
+
+    routers = [m for m in model.modules() if isinstance(m, PaddingAwareTopKRouter)]
+    out = []
+    for r in routers:
+        seq_parallel = bool(r.config.sequence_parallel)
+        packed = torch.cat([r.diag_tokens_per_expert, r.diag_entropy_sum[None], r.diag_valid_tokens[None]])
+        group = ps.get_data_parallel_group(with_context_parallel=True)
+        packed = _all_reduce(packed, group)
+        if seq_parallel:
+            packed = _all_reduce(packed, ps.get_tensor_model_parallel_group())
+        tpe = packed[:-2]
+        valid = float(packed[-1])
+        mean_load, max_load, min_load = float(tpe.mean()), float(tpe.max()), float(tpe.min())
+        out.append(
+            {
+                "layer": r.layer_number,
+                "tokens_per_expert": [int(round(x)) for x in tpe.tolist()],
+                "valid_tokens": int(round(valid)),
+                "entropy": float(packed[-2]) / valid if valid > 0 else 0.0,
+                "load_balance": mean_load / max_load if max_load > 0 else 1.0,
+                "max_min_ratio": (max_load / min_load) if min_load > 0 else (math.inf if max_load > 0 else 1.0),
+            }
+        )
+        if reset:
+            r.reset_diagnostics()
+    return out
