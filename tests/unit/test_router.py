@@ -210,10 +210,14 @@ def _bias_update(counts):
     return get_updated_expert_bias(counts.clone(), torch.zeros(E), RATE, tp_dp_cp_group=dist.group.WORLD)
 
 
-def test_dp2_global_aux_loss_and_expert_bias():
-    """DP=2, one (unevenly padded) sequence per rank: global aux loss over the union, bias EMA."""
+@pytest.mark.parametrize("layout", [{}, {"ep": 2}], ids=["dp2", "ep2"])
+def test_dp2_ep2_global_aux_loss_and_expert_bias(layout):
+    """DP=2 (or EP=2, whose ranks are data-parallel for the router), one unevenly padded sequence
+    per rank: global aux loss over the union, expert-bias counts and update."""
     x, w, pad = _data(seed=4)
-    results = run_distributed(_on_rank, 2, args=("dp", x, w, pad, "global_aux_loss", "sigmoid", True, False))
+    results = run_distributed(
+        _on_rank, 2, **layout, args=("dp", x, w, pad, "global_aux_loss", "sigmoid", True, False)
+    )
     ref = _reference(x, w, pad, "global_aux_loss", score="sigmoid", zloss=False)
     # logged partials sum over TP x DP x CP to the global value
     assert sum(r["metrics"]["global_load_balancing_loss"] for r in results) == pytest.approx(ref["lb"], rel=1e-5)
