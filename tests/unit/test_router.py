@@ -295,3 +295,28 @@ def test_upstream_z_loss_is_biased_under_cp_and_ours_is_not():
     torch.testing.assert_close(ours, ref["grad"], rtol=1e-5, atol=1e-7)
     rel_err = float((upstream - ref["grad"]).norm() / ref["grad"].norm())
     assert rel_err > 0.02, f"upstream z-loss gradient unexpectedly unbiased (rel err {rel_err:.4f})"
+
+
+def _diag_with_jitter(x, w, pad):
+    from megatron.mcore_ext.router import collect_router_diagnostics
+
+    r = _router(w, None)
+    r.config.moe_input_jitter_eps = 0.5  # strong jitter: would change the entropy if it leaked in
+    r(x, padding_mask=pad)
+    return collect_router_diagnostics(torch.nn.ModuleList([r]))[0]
+
+
+def test_diagnostics_from_clean_probabilities_valid_tokens_only():
+    x, w, pad = _data(seed=7)
+    d = run_distributed(_diag_with_jitter, 1, args=(x, w, pad))[0]
+    valid = x[~pad]
+    p = (valid @ w.T).softmax(-1)
+    entropy = float(-(p * p.log()).sum(-1).mean())
+    assert d["valid_tokens"] == int((~pad).sum())
+    assert d["entropy"] == pytest.approx(entropy, rel=1e-5)
+    # counts come from the dispatched (jittered) routing, valid tokens only
+    assert sum(d["tokens_per_expert"]) == K * int((~pad).sum())
+    loads = torch.tensor(d["tokens_per_expert"], dtype=torch.float64)
+    assert d["load_balance"] == pytest.approx(float(loads.mean() / loads.max()))
+    assert d["max_min_ratio"] == pytest.approx(float(loads.max() / loads.min()))
+    assert 1.0 / E <= d["load_balance"] <= 1.0
