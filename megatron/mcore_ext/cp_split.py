@@ -109,14 +109,15 @@ def cp_partition_index(batch: Mapping, cp_size: int, cp_rank: int) -> torch.Tens
 
 
 # Per-token tensors and the dimension that is the sequence. ``decoder_input`` / ``embeddings`` are
-# Megatron's [S, B, H] layout; position ids are [3, B, S] (MRoPE) or [B, S].
+# Megatron's [S, B, H] layout; position ids are [3, B, S] (MRoPE) or [B, S]. (A [B, 1, S, S]
+# attention mask is deliberately absent: it would need its query dim split, not its last one;
+# an unknown tensor key raises instead of being split wrongly.)
 PER_TOKEN_SEQ_DIM: dict[str, int] = {
     "tokens": -1,
     "labels": -1,
     "loss_mask": -1,
     "padding_mask": -1,
     "position_ids": -1,
-    "attention_mask": -1,
     "decoder_input": 0,
     "embeddings": 0,
 }
@@ -128,8 +129,6 @@ NOT_PER_TOKEN = frozenset(
         "cu_seqlens",
         "cu_seqlens_padded",
         "max_seqlen",
-        "num_truncated",
-        "num_padding_tokens",
     }
 )
 

@@ -175,13 +175,13 @@ def _validate_grid(sample: Mapping, cfg: CollateConfig, name: str) -> tuple[np.n
         return np.zeros((0, 3), np.int64), None
     if pv is None or grid is None:
         raise ValueError(f"{name}: pixel_values and image_grid_thw must be given together")
-    if cfg.image_token_id is None:
-        raise ValueError(f"{name}: has images but CollateConfig.image_token_id is not set")
     g = grid.detach().cpu().numpy() if isinstance(grid, torch.Tensor) else np.asarray(grid)
-    g = g.reshape(-1, 3) if g.size else np.zeros((0, 3))
+    g = g.reshape(-1, 3) if g.size % 3 == 0 else g  # a bad size falls through to the named error below
     if g.ndim != 2 or g.shape[1] != 3 or (g.size and not np.issubdtype(g.dtype, np.integer)):
         raise ValueError(f"{name}: image_grid_thw must be an int [n_images, 3] (t, h, w) array, got {g.shape}")
     g = g.astype(np.int64)
+    if g.shape[0] and cfg.image_token_id is None:
+        raise ValueError(f"{name}: has images but CollateConfig.image_token_id is not set")
     if (g < 1).any():
         raise ValueError(f"{name}: image_grid_thw entries must be >= 1, got {g.tolist()}")
     m = cfg.spatial_merge_size
