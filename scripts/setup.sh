@@ -5,7 +5,7 @@
 #   bash scripts/setup.sh --test   # the same plus the test tools (pytest, hypothesis)
 #
 # * Finds a Python >= 3.12 (megatron-core 0.19.2 needs it): $MMDEV_PYTHON if set, else python3 if
-#   new enough, else python3.13 / python3.12 on PATH, else the newest pyenv 3.12/3.13 interpreter.
+#   new enough, else python3.12 / python3.13 on PATH, else the newest pyenv 3.12 (then 3.13).
 # * If that Python already imports torch and megatron.core (an NGC container), the venv sees the
 #   system packages and nothing but this project itself is installed (no torch, no megatron-core).
 # * Transformer Engine and apex are never installed: they are optional accelerators.
@@ -28,10 +28,12 @@ find_python() {
     echo "$MMDEV_PYTHON"; return
   fi
   local c
-  for c in python3 python3.13 python3.12; do
+  for c in python3 python3.12 python3.13; do
     if command -v "$c" >/dev/null && py_ok "$(command -v "$c")"; then command -v "$c"; return; fi
   done
-  for c in $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[23].* 2>/dev/null | sort -V -r); do
+  # prefer 3.12 (what megatron-core 0.19.2 and this project are tested with), then 3.13
+  for c in $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12.* 2>/dev/null | sort -V -r) \
+           $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.13.* 2>/dev/null | sort -V -r); do
     if py_ok "$c/bin/python3"; then echo "$c/bin/python3"; return; fi
   done
   echo "setup.sh: no Python >= 3.12 found (megatron-core 0.19.2 needs one); set MMDEV_PYTHON" >&2
@@ -66,12 +68,15 @@ if [ -f "$stamp" ] && grep -qx "$stamp_key" "$stamp" 2>/dev/null \
 fi
 
 pip_q=(-q --disable-pip-version-check)
+# This machine image's pip.conf lists local indexes that lack most packages; pip warns once per
+# package. Keep real errors, drop that noise.
+quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; return "${PIPESTATUS[0]}"; }
 if [ "$system_site" = 1 ]; then
   # NGC-style environment: install the project only; its dependencies are already there.
-  .venv/bin/python -m pip install "${pip_q[@]}" --no-deps --no-build-isolation -e .
+  quiet .venv/bin/python -m pip install "${pip_q[@]}" --no-deps --no-build-isolation -e .
   if [ "$want_test" = 1 ]; then
     for m in pytest hypothesis; do
-      .venv/bin/python -c "import $m" 2>/dev/null || .venv/bin/python -m pip install "${pip_q[@]}" "$m"
+      .venv/bin/python -c "import $m" 2>/dev/null || quiet .venv/bin/python -m pip install "${pip_q[@]}" "$m"
     done
   fi
   .venv/bin/python -c 'import megatron.core as m; v = m.__version__
@@ -80,7 +85,7 @@ else
   extra=""
   [ "$want_test" = 1 ] && extra="[test]"
   echo "setup.sh: installing the project and its dependencies into .venv (first time: torch is large)"
-  .venv/bin/python -m pip install "${pip_q[@]}" -e ".$extra"
+  quiet .venv/bin/python -m pip install "${pip_q[@]}" -e ".$extra"
 fi
 .venv/bin/python -c 'import multimodal_dev, megatron.mcore_ext, megatron.core, torch
 print(f"setup.sh: ready: torch {torch.__version__}, megatron-core {megatron.core.__version__}")'
