@@ -73,7 +73,12 @@ def _reference(x, w, pad, lb_type, score="softmax", bias=None, zloss=True):
     total = (COEFF * loss if loss is not None else 0) + (ZCOEFF * z if zloss else 0)
     if allv.shape[0] and torch.is_tensor(total):
         total.backward()
-    out.update(lb=None if loss is None else float(loss), z=float(z), counts=counts, grad=w.grad.clone() if w.grad is not None else torch.zeros_like(w))
+    out.update(
+        lb=None if loss is None else float(loss.detach()),
+        z=float(z.detach()),
+        counts=counts,
+        grad=w.grad.clone() if w.grad is not None else torch.zeros_like(w),
+    )
     return out
 
 
