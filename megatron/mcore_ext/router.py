@@ -146,7 +146,9 @@ class PaddingAwareTopKRouter(TopKRouter):
 
     @torch.no_grad()
     def _record(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
-        """Accumulate valid tokens per expert (top-k of the clean scores) and the entropy sum."""
+        """Accumulate the entropy of the clean routing distribution over valid tokens.
+
+        (Tokens per expert are counted from the dispatch map, in ``_count_dispatched``.)"""
         logits = logits.float()
         if self.score_function == "softmax":
             p = torch.softmax(logits, dim=-1)
@@ -179,7 +181,7 @@ class PaddingAwareTopKRouter(TopKRouter):
         z = torch.logsumexp(logits.float(), dim=-1).square()
         if padding_mask is not None:
             valid = ~padding_mask.reshape(-1)
-            z = z * valid
+            z = torch.where(valid, z, torch.zeros_like(z))  # not z * valid: inf * 0 would be NaN
             n_local = valid.sum().to(torch.float32)
         else:
             n_local = torch.tensor(float(z.shape[0]), device=z.device)
