@@ -273,6 +273,7 @@ def tiny_moe_gpt(
     sequence_parallel: bool = False,
     parallel_output: bool = True,
     padding_aware_router: bool = True,
+    scatter_embedding_sequence_parallel: bool = True,
     **config_overrides,
 ):
     """A small megatron-core ``GPTModel`` with MoE layers (local spec, allgather dispatcher, fp32).
@@ -346,6 +347,7 @@ def tiny_moe_gpt(
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
         parallel_output=parallel_output,
+        scatter_embedding_sequence_parallel=scatter_embedding_sequence_parallel,
     )
 
 
