@@ -29,6 +29,7 @@ setup(
         "webdataset",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis"],
+        # transformers: the HF Qwen3.5-MoE implementation is the numerical oracle of the model tests
+        "test": ["pytest", "hypothesis", "transformers>=5.23,<6"],
     },
 )
