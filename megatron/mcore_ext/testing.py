@@ -95,9 +95,9 @@ def _setup_layout(layout: ParallelLayout, seed: int) -> None:
 def _teardown_layout() -> None:
     from megatron.core import parallel_state as ps
 
-    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 
-    get_moe_metrics_tracker().clear()
+    destroy_moe_metrics_tracker()  # not just clear(): that keeps every metric name ever recorded
     ps.destroy_model_parallel()
 
 
@@ -369,18 +369,28 @@ def _placements(model) -> dict[str, tuple[str, tuple, tuple]]:
     return out
 
 
+def _state_tensors(model) -> dict[str, Any]:
+    """Parameters and buffers by name (``sharded_state_dict`` also holds persistent buffers such
+    as the router's ``expert_bias``)."""
+    out = dict(model.named_buffers())
+    out.update(model.named_parameters())
+    return out
+
+
 def global_tensors(model, which: str = "data") -> dict[str, Any]:
-    """Gather a model's parameters (``which="data"``) or grads (``"grad"``) by global key.
+    """Gather a model's parameters and persistent buffers (``which="data"``) or the parameters'
+    grads (``"grad"``) by global key.
 
     In one process this gives full tensors; on a sharded rank only the local slices are filled
     (the rest is NaN), which is enough to compare slices or to feed ``load_global_tensors``.
     """
     import torch
 
-    params = dict(model.named_parameters())
+    tensors = _state_tensors(model)
     full: dict[str, torch.Tensor] = {}
     for name, (key, idx, shape) in _placements(model).items():
-        src = params[name] if which == "data" else params[name].grad
+        t = tensors[name]
+        src = t if which == "data" else getattr(t, "grad", None)
         if src is None:
             continue
         t = full.setdefault(key, torch.full(shape, float("nan"), dtype=src.dtype))
@@ -389,13 +399,16 @@ def global_tensors(model, which: str = "data") -> dict[str, Any]:
 
 
 def load_global_tensors(model, full: dict[str, Any]) -> None:
-    """Copy every parameter's slice out of global tensors (as made by ``global_tensors``)."""
+    """Copy every parameter's (and persistent buffer's, where given) slice out of global tensors."""
     import torch
 
-    params = dict(model.named_parameters())
+    params = _state_tensors(model)
+    param_names = {n for n, _ in model.named_parameters()}
     with torch.no_grad():
         for name, (key, idx, shape) in _placements(model).items():
             if key not in full:
+                if name not in param_names:
+                    continue  # a buffer the source model did not have (e.g. expert_bias): keep it
                 raise KeyError(f"no global tensor '{key}' for parameter '{name}'")
             if tuple(full[key].shape) != shape:
                 raise ValueError(f"global tensor '{key}' has shape {tuple(full[key].shape)}, expected {shape}")
