@@ -24,10 +24,17 @@ def register_architecture(name: str):
 
 
 def available_architectures() -> list[str]:
+    _load_builtin_architectures()
     return sorted(_REGISTRY)
 
 
+def _load_builtin_architectures() -> None:
+    # importing an architecture package registers it
+    import multimodal_dev.models.qwen35_vl.model  # noqa: F401
+
+
 def build_model(arch: str, variant: str, **kwargs) -> MultimodalModel:
+    _load_builtin_architectures()
     if arch not in _REGISTRY:
         raise ValueError(f"--model-arch '{arch}' is unknown; available: {available_architectures()}")
     return _REGISTRY[arch](variant, **kwargs)
