@@ -15,10 +15,13 @@ drop-in ``core_attention`` for a layer spec (see ``megatron.mcore_ext.spec.local
 * GQA: K/V heads are repeated to the query heads.
 
 The mask-based path materialises a [q, k] boolean mask: right for tests and small runs on CPU. On
-GPU, BSHD without CP takes SDPA's ``is_causal`` (flash) path.
+GPU, BSHD without CP takes SDPA's ``is_causal`` (flash) path and THD without CP (fp16/bf16) takes
+torch's flash varlen kernel (``torch.nn.attention.varlen.varlen_attn``), which needs no mask.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import torch
@@ -26,7 +29,7 @@ import torch.distributed as dist
 
 from megatron.mcore_ext.cp_split import thd_partition_index, zigzag_index
 
-__all__ = ["TorchDotProductAttention", "all_gather_along_dim0"]
+__all__ = ["TorchDotProductAttention", "all_gather_along_dim0", "varlen_thd_attention", "varlen_available"]
 
 
 class _AllGatherDim0(torch.autograd.Function):
@@ -58,6 +61,44 @@ def _segment_ids(cu_seqlens: torch.Tensor, total: int, device) -> torch.Tensor:
     """[total] sample index of each packed position."""
     cu = cu_seqlens.to(device=device, dtype=torch.long)
     return torch.bucketize(torch.arange(total, device=device), cu[1:], right=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _varlen_params() -> frozenset:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return frozenset()
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def varlen_available() -> bool:
+    """torch's flash-attention varlen kernel exists and can express causal attention."""
+    p = _varlen_params()
+    return bool(p) and ("window_size" in p or "is_causal" in p)
+
+
+def varlen_thd_attention(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float):
+    """Packed attention with ``torch.nn.attention.varlen.varlen_attn`` (flash, CUDA, fp16/bf16).
+
+    q [t, hq, d], k/v [t, hkv, d] -> [t, hq, d]. Causal is expressed as ``window_size=(-1, 0)``
+    (torch 2.11+) or ``is_causal`` (older); K/V heads are expanded where GQA is not supported.
+    """
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = _varlen_params()
+    kw = {"scale": scale}
+    if "window_size" in params:
+        kw["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        kw["is_causal"] = causal
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return varlen_attn(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k), **kw)
 
 
 class TorchDotProductAttention(torch.nn.Module):
@@ -175,6 +216,18 @@ class TorchDotProductAttention(torch.nn.Module):
         if cu_q is None or cu_k is None:
             raise ValueError("THD attention needs packed_seq_params.cu_seqlens_q(_padded) and _kv(_padded)")
         t_local = q.shape[0]
+        if (
+            self.cp_size == 1
+            and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16)
+            and (self.dropout_p == 0 or not self.training)
+            and varlen_available()
+        ):
+            # fast path: flash varlen kernel, no [t, t] mask
+            max_q = psp.max_seqlen_q or int((cu_q[1:] - cu_q[:-1]).max())
+            max_k = psp.max_seqlen_kv or int((cu_k[1:] - cu_k[:-1]).max())
+            out = varlen_thd_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal, self.softmax_scale)
+            return out.reshape(t_local, -1)
         k, v = self._expand_kv(k, v, head_dim_axis=1)
         device = q.device
         if self.cp_size > 1:

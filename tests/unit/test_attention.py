@@ -122,3 +122,22 @@ def test_context_parallel_equals_unsplit(layout):
         # the all-gather's backward must bring those contributions home.
         torch.testing.assert_close(gk, k.grad[idx], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(gv, v.grad[idx], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash varlen THD path needs a CUDA GPU")
+def test_varlen_thd_path_matches_reference_on_gpu():
+    from megatron.mcore_ext.attention import varlen_available, varlen_thd_attention
+
+    if not varlen_available():
+        pytest.skip("this torch has no torch.nn.attention.varlen.varlen_attn with a causal option")
+    lens = [64, 17, 128, 3]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    q, k, v = _qkv(sum(lens))
+    out = varlen_thd_attention(
+        *(t.cuda().bfloat16() for t in (q, k, v)), cu.cuda(), cu.cuda(), max(lens), max(lens), True, 1 / math.sqrt(D)
+    ).float().cpu()
+    start = 0
+    for n in lens:
+        sl = slice(start, start + n)
+        torch.testing.assert_close(out[sl].reshape(n, -1), _naive(q[sl], k[sl], v[sl]), rtol=2e-2, atol=2e-2)
+        start += n
