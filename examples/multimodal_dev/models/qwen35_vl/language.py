@@ -291,6 +291,26 @@ class Qwen35GPTModel(GPTModel):
         return out
 
 
+def resolve_transformer_impl(transformer_impl: str) -> str:
+    """``--transformer-impl``: "local" (pure PyTorch), "transformer_engine", or "auto" (TE when
+    importable, else local)."""
+    if transformer_impl not in ("auto", "local", "transformer_engine"):
+        raise ValueError(
+            f"--transformer-impl must be auto, local or transformer_engine, got {transformer_impl!r}"
+        )
+    try:
+        import transformer_engine  # noqa: F401
+
+        have_te = True
+    except Exception:
+        have_te = False
+    if transformer_impl == "transformer_engine" and not have_te:
+        raise ValueError("--transformer-impl transformer_engine: Transformer Engine is not importable here")
+    if transformer_impl == "auto":
+        return "transformer_engine" if have_te else "local"
+    return transformer_impl
+
+
 def build_qwen35_language_model(
     text_cfg: Qwen35TextConfig,
     pre_process: Optional[bool] = None,
@@ -299,6 +319,7 @@ def build_qwen35_language_model(
     parallel_output: bool = True,
     padding_aware_router: bool = True,
     vp_stage: Optional[int] = None,
+    transformer_impl: str = "auto",
     **overrides,
 ) -> Qwen35GPTModel:
     """The Qwen3.5 text decoder as a megatron-core GPTModel (local spec, pure-PyTorch pieces).
@@ -315,11 +336,13 @@ def build_qwen35_language_model(
     from megatron.mcore_ext.router import use_padding_aware_router
     from megatron.mcore_ext.spec import local_spec
 
+    use_te = resolve_transformer_impl(transformer_impl) == "transformer_engine"
     config = text_cfg.to_transformer_config(**overrides)
     spec = get_gpt_decoder_block_spec(
-        config, use_transformer_engine=False, normalization="RMSNorm", vp_stage=vp_stage
+        config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage
     )
-    spec = local_spec(spec)  # TorchNorm (zero-centred RMSNorm, SP) + TorchDotProductAttention (THD, CP)
+    if not use_te:
+        spec = local_spec(spec)  # TorchNorm (zero-centred RMSNorm, SP) + TorchDotProductAttention (THD, CP)
     if padding_aware_router:
         spec = use_padding_aware_router(spec)
     if pre_process is None:
