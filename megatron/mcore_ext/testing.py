@@ -351,21 +351,47 @@ def tiny_moe_gpt(
     )
 
 
-def _placements(model) -> dict[str, tuple[str, tuple, tuple]]:
-    """Local parameter name -> (global key, index into the global tensor, global shape)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+def _placements(model) -> dict[str, list[tuple[str, tuple, tuple, tuple]]]:
+    """Local parameter name -> [(global key, index into the global tensor, global shape, index
+    into the local tensor)].
 
-    out = {}
-    for name, st in model.sharded_state_dict().items():
-        if not isinstance(st, ShardedTensor):
-            continue
+    Most entries are one ``ShardedTensor`` covering the whole local tensor. A
+    ``ShardedTensorFactory`` (megatron's SwiGLU ``linear_fc1``: ``[gate; up]`` stored as two
+    shards of one global ``[gate; up]`` tensor, see ``apply_swiglu_sharded_factory``) is built
+    here and each of its shards is placed with the rows of the local tensor it views.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    def place(st, local_idx):
         if st.flattened_range is not None:
-            raise NotImplementedError(f"{name}: flattened (distributed-optimizer) shards are not supported")
+            raise NotImplementedError(f"{st.key}: flattened (distributed-optimizer) shards are not supported")
         n_pre = st.prepend_axis_num
         idx = tuple(st.global_offset[:n_pre]) + tuple(
             slice(off, off + size) for off, size in zip(st.global_offset[n_pre:], st.data.shape)
         )
-        out[name] = (st.key, idx, tuple(st.global_shape))
+        return (st.key, idx, tuple(st.global_shape), local_idx)
+
+    out = {}
+    for name, st in model.sharded_state_dict().items():
+        if isinstance(st, ShardedTensor):
+            out[name] = [place(st, (slice(None),))]
+        elif isinstance(st, ShardedTensorFactory):
+            t = st.data
+            parts = st.build()
+            parts = parts if isinstance(parts, (list, tuple)) else [parts]
+            placed = []
+            for part in parts:
+                sub = part.data
+                # every shard must be a block of whole rows (dim 0) of the local tensor
+                if not (isinstance(part, ShardedTensor) and sub.untyped_storage().data_ptr()
+                        == t.untyped_storage().data_ptr() and sub.stride() == t.stride()
+                        and sub.shape[1:] == t.shape[1:]):
+                    raise NotImplementedError(f"{name}: unsupported ShardedTensorFactory layout")
+                row = (sub.storage_offset() - t.storage_offset()) // t.stride(0)
+                placed.append(place(part, (slice(row, row + sub.shape[0]),)))
+            if sum(p[3][0].stop - p[3][0].start for p in placed) != t.shape[0]:
+                raise NotImplementedError(f"{name}: ShardedTensorFactory shards do not cover the tensor")
+            out[name] = placed
     return out
 
 
@@ -388,13 +414,14 @@ def global_tensors(model, which: str = "data") -> dict[str, Any]:
 
     tensors = _state_tensors(model)
     full: dict[str, torch.Tensor] = {}
-    for name, (key, idx, shape) in _placements(model).items():
+    for name, placed in _placements(model).items():
         t = tensors[name]
         src = t if which == "data" else getattr(t, "grad", None)
         if src is None:
             continue
-        t = full.setdefault(key, torch.full(shape, float("nan"), dtype=src.dtype))
-        t[idx] = src.detach()
+        for key, idx, shape, local_idx in placed:
+            g = full.setdefault(key, torch.full(shape, float("nan"), dtype=src.dtype))
+            g[idx] = src.detach()[local_idx]
     return full
 
 
@@ -405,16 +432,32 @@ def load_global_tensors(model, full: dict[str, Any]) -> None:
     params = _state_tensors(model)
     param_names = {n for n, _ in model.named_parameters()}
     with torch.no_grad():
-        for name, (key, idx, shape) in _placements(model).items():
-            if key not in full:
-                if name not in param_names:
-                    continue  # a buffer the source model did not have (e.g. expert_bias): keep it
-                raise KeyError(f"no global tensor '{key}' for parameter '{name}'")
-            if tuple(full[key].shape) != shape:
-                raise ValueError(f"global tensor '{key}' has shape {tuple(full[key].shape)}, expected {shape}")
-            params[name].copy_(full[key][idx])
+        for name, placed in _placements(model).items():
+            for key, idx, shape, local_idx in placed:
+                if key not in full:
+                    if name not in param_names:
+                        continue  # a buffer the source model did not have (e.g. expert_bias): keep it
+                    raise KeyError(f"no global tensor '{key}' for parameter '{name}'")
+                if tuple(full[key].shape) != shape:
+                    raise ValueError(f"global tensor '{key}' has shape {tuple(full[key].shape)}, expected {shape}")
+                params[name][local_idx].copy_(full[key][idx])
 
 
 def local_slices(model, full: dict[str, Any]) -> dict[str, Any]:
     """Parameter name -> the slice of ``full`` (global tensors) this rank holds."""
-    return {name: full[key][idx] for name, (key, idx, _) in _placements(model).items() if key in full}
+    import torch
+
+    tensors = _state_tensors(model)
+    out = {}
+    for name, placed in _placements(model).items():
+        if not all(key in full for key, *_ in placed):
+            continue
+        if len(placed) == 1 and placed[0][3] == (slice(None),):
+            key, idx, _, _ = placed[0]
+            out[name] = full[key][idx]
+            continue
+        t = tensors[name]
+        out[name] = torch.empty(t.shape, dtype=full[placed[0][0]].dtype)
+        for key, idx, _, local_idx in placed:
+            out[name][local_idx] = full[key][idx]
+    return out
