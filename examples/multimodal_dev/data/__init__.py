@@ -1,4 +1,4 @@
-"""Data: the collate (``pack_or_pad_batch``) and, later, the dataset providers."""
+"""Data: tokenizer, image preprocessing, sample building, the collate and the dataset providers."""
 from multimodal_dev.data.collate import (  # noqa: F401
     IGNORE_INDEX,
     CollateConfig,
@@ -6,3 +6,16 @@ from multimodal_dev.data.collate import (  # noqa: F401
     pack_or_pad_batch,
     required_seq_multiple,
 )
+from multimodal_dev.data.image import ImageDecodeError, decode_image, preprocess_image, smart_resize  # noqa: F401
+from multimodal_dev.data.providers import (  # noqa: F401
+    BatchIterator,
+    DataConfig,
+    DatasetProvider,
+    SampleIterator,
+    available_providers,
+    build_provider,
+    get_provider,
+    register_provider,
+)
+from multimodal_dev.data.sample import SampleError, build_sample  # noqa: F401
+from multimodal_dev.data.tokenizer import TextTokenizer  # noqa: F401
