@@ -27,7 +27,12 @@ setup(
         "pillow",
         "pyyaml",
         "webdataset",
+        "tokenizers",  # the data's tokenizer (a local tokenizer.json; nothing is downloaded)
+        "tensorboard",  # --tensorboard-dir
+        "tqdm",  # the progress bar
+        "psutil",  # megatron-core's checkpoint writer workers need it
     ],
+    package_data={"multimodal_dev.data": ["assets/*.json"]},
     extras_require={
         # transformers: the HF Qwen3.5-MoE implementation is the numerical oracle of the model tests
         "test": ["pytest", "hypothesis", "transformers>=5.23,<6"],

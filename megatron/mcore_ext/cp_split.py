@@ -102,10 +102,19 @@ def thd_partition_index(
 
 def cp_partition_index(batch: Mapping, cp_size: int, cp_rank: int) -> torch.Tensor:
     """The CP index of this rank for a collated batch: THD if it carries ``cu_seqlens_padded``."""
-    device = batch["tokens"].device
+    ref = None
+    for key in ("tokens", "labels", "loss_mask", "padding_mask", "position_ids"):
+        if batch.get(key) is not None:
+            ref = batch[key]  # sequence in the last dim
+            break
+    if ref is None:
+        raise ValueError(
+            f"cp_partition_index: the batch has none of tokens/labels/loss_mask/padding_mask/position_ids "
+            f"(keys: {sorted(batch)}); the sequence length is unknown"
+        )
     if batch.get("cu_seqlens_padded") is not None:
-        return thd_partition_index(batch["cu_seqlens_padded"], cp_size, cp_rank, device=device)
-    return zigzag_index(batch["tokens"].shape[-1], cp_size, cp_rank, device=device)
+        return thd_partition_index(batch["cu_seqlens_padded"], cp_size, cp_rank, device=ref.device)
+    return zigzag_index(ref.shape[-1], cp_size, cp_rank, device=ref.device)
 
 
 # Per-token tensors and the dimension that is the sequence. ``decoder_input`` / ``embeddings`` are

@@ -24,6 +24,23 @@ forced). Every patch, with why:
    ``device="cuda"``; the local ``DotProductAttention`` reaches them through ``FusedScaleMaskSoftmax``
    when no explicit mask is given.
 
+5. ``pipeline_parallel.schedules`` / ``.p2p_communication``, ``optimizer.clip_grads`` /
+   ``.optimizer``, ``distributed.param_and_grad_buffer``, ``transformer.moe.token_dispatcher``
+   and ``dist_checkpointing.strategies.filesystem_async`` / ``.async_utils`` see a ``torch`` whose tensor constructors (``zeros``, ``ones``, ``empty``, ``full``,
+   ``tensor``) map ``device="cuda"`` to the CPU, and whose CUDA streams and events
+   (``torch.cuda.Stream/Event/stream/current_stream/synchronize``) are no-ops: CPU work is
+   synchronous, and the DDP grad sync, the pipeline send/receive, the alltoall dispatcher's
+   device-to-host side stream and the checkpoint writer use them unconditionally.
+   The schedules allocate their token counter with ``device="cuda"`` (used with
+   ``calculate_per_token_loss``), the grad-norm code its accumulators, the fp32 optimizer its
+   loss scale. Only those modules' global name ``torch`` is replaced, nothing in torch itself.
+6. ``clip_grads.l2_norm_impl`` (apex-free fallback ``utils.local_multi_tensor_l2_norm`` returns a
+   "cuda" tensor) and ``clip_grad_by_total_norm_fp32`` (asserts ``torch.cuda.FloatTensor`` grads)
+   -> CPU versions with the same arithmetic (also where ``optimizer.optimizer`` imported it).
+7. ``token_dispatcher.maybe_move_tensor_to_cpu`` -> also honours ``as_numpy`` for tensors already
+   on the CPU (the original converts only CUDA tensors, so on CPU the alltoall dispatcher hands
+   tensors where ``all_to_all_single`` wants split-size sequences, and fails).
+
 Nothing else is changed; in particular collectives run through ``torch.distributed`` with gloo
 exactly as megatron-core issues them.
 """
@@ -48,6 +65,10 @@ PATCHES = (
     "megatron.core.tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state -> CPU generator",
     "megatron.core.tensor_parallel.random.CudaRNGStatesTracker.add/fork -> CPU generator",
     "megatron.core.transformer.utils.get_default_causal_mask/get_sliding_window_causal_mask -> CPU",
+    "megatron.core pipeline schedules/p2p, optimizer, DDP grad buffer: torch constructors map "
+    "device='cuda' -> cpu, torch.cuda.current_stream/synchronize -> no-ops",
+    "megatron.core.optimizer.clip_grads.l2_norm_impl / clip_grad_by_total_norm_fp32 -> CPU versions",
+    "megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu -> honours as_numpy on CPU",
 )
 
 
@@ -119,6 +140,134 @@ def _cpu_sliding_window_causal_mask(sq, skv, window_size):
     return ~torch.tril(mu, diagonal=skv - sq + window_size[1])
 
 
+def _cpu_if_cuda(device):
+    if device is None:
+        return None
+    if isinstance(device, int):
+        return torch.device("cpu")
+    if torch.device(device).type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+class _CpuTorch:
+    """``torch`` as one megatron module sees it: tensor constructors never land on "cuda"."""
+
+    def __init__(self, real):
+        self.__dict__["_real"] = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def _wrap(name):  # noqa: N805 - a factory used in the class body
+        def ctor(self, *args, **kwargs):
+            if "device" in kwargs:
+                kwargs["device"] = _cpu_if_cuda(kwargs["device"])
+            return getattr(self._real, name)(*args, **kwargs)
+
+        ctor.__name__ = name
+        return ctor
+
+    @property
+    def cuda(self):
+        return _CpuCuda(self._real.cuda)
+
+    zeros = _wrap("zeros")
+    ones = _wrap("ones")
+    empty = _wrap("empty")
+    full = _wrap("full")
+    tensor = _wrap("tensor")
+    del _wrap
+
+
+class _NullEvent:
+    def synchronize(self):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def query(self):
+        return True
+
+    def record(self, stream=None):
+        pass
+
+
+class _NullStream:
+    """A CUDA stream on CPU: work is synchronous, waits are no-ops."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return _NullEvent()
+
+    def wait_stream(self, stream):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+class _CpuCuda:
+    def __init__(self, real):
+        self.__dict__["_real"] = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    Stream = _NullStream
+    Event = _NullEvent
+
+    def current_stream(self, device=None):
+        return _NullStream()
+
+    def stream(self, stream):
+        return contextlib.nullcontext()
+
+    def synchronize(self, device=None):
+        pass
+
+
+def _cpu_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    norms = [torch.linalg.vector_norm(t.float()) for t in tensor_lists[0]]
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    return total.reshape(1), None
+
+
+def _cpu_clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron-core's clip_grad_by_total_norm_fp32 without its CUDA-type assertion."""
+    from megatron.core.utils import to_local_if_dtensor
+
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = []
+    for p in parameters:
+        g = getattr(p, "decoupled_grad", None) if use_decoupled_grad else p.grad
+        if g is not None:
+            grads.append(to_local_if_dtensor(g).detach())
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if isinstance(clip_coeff, torch.Tensor):
+        clip_coeff = clip_coeff.clamp_max(1.0)
+        for g in grads:
+            g.mul_(clip_coeff.to(g.dtype))
+    elif clip_coeff < 1.0:
+        for g in grads:
+            g.mul_(clip_coeff)
+
+
+def _cpu_maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+    if torch.is_tensor(tensor):
+        tensor = tensor.cpu()
+        if as_numpy:
+            tensor = tensor.numpy()
+    return tensor
+
+
 def is_applied() -> bool:
     return _applied
 
@@ -147,6 +296,20 @@ def apply(force: bool = False) -> bool:
         for mod in (tutils, fused_softmax):  # 4
             mod.get_default_causal_mask = _cpu_default_causal_mask
             mod.get_sliding_window_causal_mask = _cpu_sliding_window_causal_mask
+        from megatron.core.optimizer import clip_grads
+        from megatron.core.optimizer import optimizer as moptimizer
+        from megatron.core.distributed import param_and_grad_buffer
+        from megatron.core.pipeline_parallel import p2p_communication, schedules
+        from megatron.core.transformer.moe import token_dispatcher
+        from megatron.core.dist_checkpointing.strategies import async_utils, filesystem_async
+
+        for mod in (schedules, clip_grads, moptimizer, param_and_grad_buffer, p2p_communication,
+                    token_dispatcher, filesystem_async, async_utils):  # 5
+            mod.torch = _CpuTorch(torch)
+        token_dispatcher.maybe_move_tensor_to_cpu = _cpu_maybe_move_tensor_to_cpu  # 7
+        clip_grads.l2_norm_impl = _cpu_l2_norm  # 6
+        clip_grads.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
+        moptimizer.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
         _applied = True
         log.info("megatron.mcore_ext.cpu_runtime: no GPU, applied: %s", "; ".join(PATCHES))
         return True

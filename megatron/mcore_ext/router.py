@@ -93,7 +93,11 @@ class PaddingAwareTopKRouter(TopKRouter):
 
     #: record tokens-per-expert / entropy diagnostics (one [T, E] pass per layer; cheap)
     record_diagnostics: bool = True
-    #: send padded tokens to no expert (upstream dispatches them with full weight)
+    #: send padded tokens to no expert (upstream dispatches them with full weight). Only with the
+    #: allgather dispatcher, which sizes its buffers from the routing map; the alltoall
+    #: dispatcher's dropless path sizes them as tokens x top-k and fails on a thinned map, so there
+    #: padded tokens stay dispatched (their outputs never reach a loss, and every routing statistic
+    #: above excludes them either way).
     mask_padding_dispatch: bool = True
 
     def __init__(self, *args, **kwargs):
@@ -125,7 +129,8 @@ class PaddingAwareTopKRouter(TopKRouter):
             self._clean_logits = None
         probs, routing_map = super().forward(input, padding_mask=padding_mask)
         self._clean_logits = None
-        if padding_mask is not None and self.mask_padding_dispatch:
+        if (padding_mask is not None and self.mask_padding_dispatch
+                and self.config.moe_token_dispatcher_type == "allgather"):
             # Padded tokens go to no expert: no expert FLOPs, no dispatch traffic. (The aux losses
             # are attached upstream of probs, so this changes nothing for them.)
             valid = ~padding_mask.reshape(-1, 1)

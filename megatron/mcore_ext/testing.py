@@ -351,48 +351,10 @@ def tiny_moe_gpt(
     )
 
 
-def _placements(model) -> dict[str, list[tuple[str, tuple, tuple, tuple]]]:
-    """Local parameter name -> [(global key, index into the global tensor, global shape, index
-    into the local tensor)].
+def _placements(model):
+    from megatron.mcore_ext.sharding import parameter_placements
 
-    Most entries are one ``ShardedTensor`` covering the whole local tensor. A
-    ``ShardedTensorFactory`` (megatron's SwiGLU ``linear_fc1``: ``[gate; up]`` stored as two
-    shards of one global ``[gate; up]`` tensor, see ``apply_swiglu_sharded_factory``) is built
-    here and each of its shards is placed with the rows of the local tensor it views.
-    """
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
-    def place(st, local_idx):
-        if st.flattened_range is not None:
-            raise NotImplementedError(f"{st.key}: flattened (distributed-optimizer) shards are not supported")
-        n_pre = st.prepend_axis_num
-        idx = tuple(st.global_offset[:n_pre]) + tuple(
-            slice(off, off + size) for off, size in zip(st.global_offset[n_pre:], st.data.shape)
-        )
-        return (st.key, idx, tuple(st.global_shape), local_idx)
-
-    out = {}
-    for name, st in model.sharded_state_dict().items():
-        if isinstance(st, ShardedTensor):
-            out[name] = [place(st, (slice(None),))]
-        elif isinstance(st, ShardedTensorFactory):
-            t = st.data
-            parts = st.build()
-            parts = parts if isinstance(parts, (list, tuple)) else [parts]
-            placed = []
-            for part in parts:
-                sub = part.data
-                # every shard must be a block of whole rows (dim 0) of the local tensor
-                if not (isinstance(part, ShardedTensor) and sub.untyped_storage().data_ptr()
-                        == t.untyped_storage().data_ptr() and sub.stride() == t.stride()
-                        and sub.shape[1:] == t.shape[1:]):
-                    raise NotImplementedError(f"{name}: unsupported ShardedTensorFactory layout")
-                row = (sub.storage_offset() - t.storage_offset()) // t.stride(0)
-                placed.append(place(part, (slice(row, row + sub.shape[0]),)))
-            if sum(p[3][0].stop - p[3][0].start for p in placed) != t.shape[0]:
-                raise NotImplementedError(f"{name}: ShardedTensorFactory shards do not cover the tensor")
-            out[name] = placed
-    return out
+    return parameter_placements(model)
 
 
 def _state_tensors(model) -> dict[str, Any]:

@@ -18,16 +18,19 @@ order) and the GPTModel. ``forward`` takes the collated batch of DESIGN.md secti
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional
 
 import torch
 
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
 from megatron.mcore_ext.cp_split import split_batch_for_cp
+from megatron.mcore_ext.router import sequence_ids
 
 __all__ = ["MultimodalModel", "packed_seq_params_from_batch"]
 
@@ -65,9 +68,21 @@ class MultimodalModel(MegatronModule):
         self.mrope = mrope  # position ids [3, b, s] go to the decoder as they are
         self.pre_process = language_model.pre_process
         self.post_process = language_model.post_process
+        self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules look up
+        # the architecture's variant settings (vision patching, vocabulary, special token ids) that
+        # the data pipeline needs; set by the architecture's builder
+        self.variant_config: dict = {}
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
+
+    # what megatron-core's finalize_model_grads asks of a pipeline stage (embedding/output tying)
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
 
     # ------------------------------------------------------------------------------------
     def _embed(self, batch: dict) -> torch.Tensor:
@@ -131,12 +146,30 @@ class MultimodalModel(MegatronModule):
         labels = local.get("labels")
         if labels is not None:
             labels = labels.clamp(min=0)  # -100 -> any id; loss_mask removes them
-        return self.language_model(
-            input_ids=local["tokens"],
-            position_ids=position_ids,
-            attention_mask=None,
-            decoder_input=decoder_input,
-            labels=labels,
-            packed_seq_params=packed_seq_params_from_batch(batch),
-            padding_mask=padding_mask,
-        )
+        with self._packed_sequence_ids(batch, local):
+            return self.language_model(
+                input_ids=local["tokens"],
+                position_ids=position_ids,
+                attention_mask=None,
+                decoder_input=decoder_input,
+                labels=labels,
+                packed_seq_params=packed_seq_params_from_batch(batch),
+                padding_mask=padding_mask,
+            )
+
+    def _packed_sequence_ids(self, batch: dict, local: dict):
+        """THD: tell the routers which packed sample each of their tokens is in (seq_aux_loss
+        normalises per sample), in the routers' layout: CP-split, then SP-scattered."""
+        cu_p = batch.get("cu_seqlens_padded")
+        if cu_p is None or self.config.moe_router_load_balancing_type != "seq_aux_loss":
+            return contextlib.nullcontext()
+        total = int(cu_p[-1])
+        ids = torch.bucketize(torch.arange(total, device=cu_p.device), cu_p[1:].long(), right=True).view(1, -1)
+        cp = ps.get_context_parallel_world_size()
+        if cp > 1:
+            part = {"seq_ids": ids, "cu_seqlens": batch["cu_seqlens"], "cu_seqlens_padded": cu_p}
+            ids = split_batch_for_cp(part, cp, ps.get_context_parallel_rank(), seq_dims={"seq_ids": 1})["seq_ids"]
+        ids = ids.transpose(0, 1).contiguous()  # [s, 1] like the hidden states
+        if self.config.sequence_parallel:
+            ids = tensor_parallel.scatter_to_sequence_parallel_region(ids)
+        return sequence_ids(ids, num_sequences=cu_p.numel() - 1)

@@ -29,16 +29,28 @@ def build_qwen35_vl(
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
     params_dtype: torch.dtype = torch.float32,
+    vision_seed: Optional[int] = None,
     **overrides,
 ) -> MultimodalModel:
     """Build a Qwen3.5-VL-style MoE model under the initialised megatron parallel state.
 
     The vision tower is replicated on every rank of the first pipeline stage (it is small next to
-    the MoE decoder); ``overrides`` go into the decoder's TransformerConfig.
+    the MoE decoder); ``overrides`` go into the decoder's TransformerConfig. ``vision_seed``: draw
+    the vision tower's initial weights from a generator of their own (the same in every parallel
+    layout), instead of the global one.
     """
     text_cfg, vision_cfg, tokens = configs_for_variant(variant)
     lm = build_qwen35_language_model(
         text_cfg, pre_process=pre_process, post_process=post_process, params_dtype=params_dtype, **overrides
     )
-    vision = Qwen35VisionTower(vision_cfg).to(params_dtype) if lm.pre_process else None
-    return MultimodalModel(lm, vision, image_token_id=tokens["image_token_id"], mrope=True)
+    vision = None
+    if lm.pre_process:
+        if vision_seed is None:
+            vision = Qwen35VisionTower(vision_cfg).to(params_dtype)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(vision_seed)
+                vision = Qwen35VisionTower(vision_cfg).to(params_dtype)
+    model = MultimodalModel(lm, vision, image_token_id=tokens["image_token_id"], mrope=True)
+    model.variant_config = get_variant(variant)  # vision/vocabulary settings for the data pipeline
+    return model
