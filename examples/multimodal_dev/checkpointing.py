@@ -132,6 +132,19 @@ def _sharded_state(model, optimizer, scheduler, iteration: int, args_dict: dict,
     return sd
 
 
+def _in_process_results_queue() -> None:
+    """Saves here are synchronous: megatron-core's writer threads report to a results queue that
+    0.19.2 creates as a multiprocessing ``Manager().Queue()`` (a spawned server process, meant for
+    async saves). An in-process queue does the same job, saves a process start per run, and leaves
+    no orphan process holding the job's stdout when a rank dies in the middle of a save."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args_dict: dict, data_state: Any,
                     crash_hook=None) -> str:
     """Save on every rank (collective). Returns the checkpoint directory.
@@ -140,6 +153,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
     not yet) so a test can kill the process mid-save.
     """
     rank = dist.get_rank()
+    _in_process_results_queue()
     final, partial = _iter_dir(root, iteration), _iter_dir(root, iteration) + ".partial"
     if rank == 0:
         os.makedirs(root, exist_ok=True)

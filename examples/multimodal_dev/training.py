@@ -64,6 +64,10 @@ def _setup_logging(args, rank: int) -> None:
     root.setLevel(logging.INFO)
     for noisy in ("megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # known, harmless notices of megatron-core 0.19.2 that would repeat in every run
+    for quiet in ("megatron.core.rerun_state_machine", "megatron.core.models.gpt.gpt_model",
+                  "megatron.core.dist_checkpointing.strategies.torch"):
+        logging.getLogger(quiet).setLevel(logging.ERROR)
 
 
 def initialize(args) -> bool:
@@ -288,6 +292,26 @@ def build_data(args, model) -> tuple[Any, Any]:
     return provider, collate
 
 
+def unigram_baseline(provider_config, num_samples: int = 512, max_tokens: Optional[int] = None) -> float:
+    """Entropy (nats per token) of the trained-on tokens' unigram distribution over the first
+    ``num_samples`` samples: the loss of a model that ignores its inputs and predicts token
+    frequencies. A model that learns from the images and the text goes well below it."""
+    import numpy as np
+
+    from multimodal_dev.data.providers import build_provider
+
+    it = build_provider(provider_config).samples(0, 1, max_tokens=max_tokens)
+    counts: dict[int, int] = {}
+    for _ in range(num_samples):
+        lab = np.asarray(next(it)["labels"])
+        vals, cnt = np.unique(lab[lab != -100], return_counts=True)
+        for v, c in zip(vals.tolist(), cnt.tolist()):
+            counts[v] = counts.get(v, 0) + c
+    c = np.array(list(counts.values()), dtype=np.float64)
+    p = c / c.sum()
+    return float(-(p * np.log(p)).sum())
+
+
 # ------------------------------------------------------------------------------------------------
 # metrics
 class IterationStats:
@@ -459,6 +483,11 @@ def train(args) -> list[dict]:
             stream.skip_iterations(iteration)
     args_dict = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
 
+    baseline = None
+    if rank == 0:
+        baseline = unigram_baseline(provider.config, max_tokens=None if args.truncate else args.seq_length)
+        log.info("unigram baseline of the trained-on tokens: %.4f nats/token (a model that ignores its "
+                 "inputs gets this loss)", baseline)
     writer = MetricsWriter(args, iteration, enabled=rank == 0)
     fb = get_forward_backward_func()
     records = []
@@ -521,6 +550,7 @@ def train(args) -> list[dict]:
                 "expert_tokens": [d["tokens_per_expert"] for d in diags],
                 "router": [{k: d[k] for k in ("layer", "entropy", "load_balance", "max_min_ratio")} for d in diags],
                 "skipped_samples": skipped,
+                "unigram_baseline": baseline,
             }
             records.append(rec)
             writer.write(rec)
