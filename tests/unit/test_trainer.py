@@ -131,3 +131,24 @@ def test_metrics_record_has_the_contract_fields(tmp_path):
         assert all(sum(e) == 2 * rec["tokens"] for e in rec["expert_tokens"])
         assert rec["z_loss"] > 0 and rec["load_balancing_loss"] > 0
     assert any(f.name.startswith("events.out.tfevents") for f in (tmp_path / "tb").iterdir())
+
+
+# --------------------------------------------------------------------- real WebDataset shards
+def test_trains_on_shapes_shards_below_the_unigram_baseline_and_counts_bad_data(tmp_path):
+    from multimodal_dev.data.shapes import write_shapes_dataset
+
+    data = tmp_path / "shapes"
+    write_shapes_dataset(str(data), num_samples=800, shard_size=200, image_size=32, seed=3)
+    (data / "shapes-broken.tar").write_bytes(b"this is not a tar archive" * 40)  # a corrupt shard
+    r = _run(["--variant", "tiny", "--dataset-provider", "webdataset", "--data-path", str(data),
+              "--use-packed-sequence", "--micro-batch-size", "16", "--seq-length", "256",
+              "--train-iters", "60", "--lr", "3e-3", "--lr-warmup-iters", "5", "--no-progress-bar",
+              "--metrics-file", str(tmp_path / "m.jsonl")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = _metrics(tmp_path / "m.jsonl")
+    baseline = recs[-1]["unigram_baseline"]
+    late = sum(x["lm_loss"] for x in recs[-10:]) / 10
+    assert recs[0]["lm_loss"] > baseline  # a random model starts above it (about ln(vocab))
+    assert late < 0.6 * baseline, (late, baseline)
+    assert "shapes-broken.tar" in r.stderr  # skipped and logged with its name
+    assert recs[-1]["skipped_samples"] >= 1
