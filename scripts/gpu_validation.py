@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -57,12 +56,6 @@ CASES: dict[str, tuple[int, list[str], str | None, str]] = {
                             "--moe-router-enable-expert-bias", "--moe-router-score-function", "sigmoid"], "bias",
                  "EP=2 with expert bias"),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _gpu_count() -> int:
@@ -106,8 +99,8 @@ def run(args) -> int:
         metrics.unlink(missing_ok=True)
         if args.fp32:  # smoke test of this script on a CPU machine
             flags = [f for f in flags if f not in ("--bf16", "--use-distributed-optimizer")]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(gpus),
-               "--master-port", str(_free_port()), str(ENTRY), *COMMON, *flags,
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
+               str(ENTRY), *COMMON, *flags,
                "--train-iters", str(args.iters), "--metrics-file", str(metrics)]
         t0 = time.time()
         r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="4"))
