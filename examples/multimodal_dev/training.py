@@ -78,6 +78,9 @@ def initialize(args) -> bool:
     from megatron.mcore_ext import cpu_runtime
 
     on_cpu = cpu_runtime.apply()
+    from megatron.mcore_ext import fallbacks
+
+    fallbacks.apply()  # foreach grad-norm / scale where megatron would loop per tensor (no apex/TE)
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # a plain `python pretrain_multimodal.py`: one process
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -320,6 +320,7 @@ def build_qwen35_language_model(
     padding_aware_router: bool = True,
     vp_stage: Optional[int] = None,
     transformer_impl: str = "auto",
+    grouped_experts: bool = True,
     **overrides,
 ) -> Qwen35GPTModel:
     """The Qwen3.5 text decoder as a megatron-core GPTModel (local spec, pure-PyTorch pieces).
@@ -328,7 +329,9 @@ def build_qwen35_language_model(
     to this rank's pipeline stage. ``overrides`` go into the ``TransformerConfig`` (e.g.
     ``params_dtype``, ``sequence_parallel``, ``moe_z_loss_coeff``). The embedding does not scatter
     to sequence parallelism (``MultimodalModel`` does it after merging the image embeddings);
-    the output layer is untied unless the config ties it.
+    the output layer is untied unless the config ties it. ``grouped_experts`` (local spec): the
+    routed experts run as two ``torch._grouped_mm`` calls instead of a loop over experts (the same
+    parameters and checkpoints; ``megatron.mcore_ext.experts``).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -343,6 +346,10 @@ def build_qwen35_language_model(
     )
     if not use_te:
         spec = local_spec(spec)  # TorchNorm (zero-centred RMSNorm, SP) + TorchDotProductAttention (THD, CP)
+        if grouped_experts:
+            from megatron.mcore_ext.experts import use_grouped_experts
+
+            spec = use_grouped_experts(spec)
     if padding_aware_router:
         spec = use_padding_aware_router(spec)
     if pre_process is None:

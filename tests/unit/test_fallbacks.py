@@ -1,0 +1,39 @@
+"""The foreach stand-ins compute what megatron-core's apex-free fallbacks compute."""
+import torch
+
+from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
+
+from megatron.mcore_ext.fallbacks import foreach_l2_norm, foreach_scale
+
+
+def test_l2_norm_equals_megatron_local_fallback():
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(s, generator=g) for s in ((3, 4), (7,), (2, 2, 5), (1,))]
+    ours, _ = foreach_l2_norm(0, torch.zeros(1, dtype=torch.int), [ts], False)
+    want = torch.sqrt(sum((t.double() ** 2).sum() for t in ts)).float()  # independent: the definition
+    torch.testing.assert_close(ours, want.reshape(1))
+    import megatron.core.utils as mu
+
+    orig = mu.torch.tensor
+    try:  # megatron's version writes its result to "cuda"; compare its value on CPU
+        mu.torch.tensor = lambda data, **kw: orig(data, **{k: v for k, v in kw.items() if k != "device"})
+        ref, _ = local_multi_tensor_l2_norm(0, None, [ts], False)
+    finally:
+        mu.torch.tensor = orig
+    torch.testing.assert_close(ours, ref)
+
+
+def test_scale_in_place_and_into_other_tensors():
+    g = torch.Generator().manual_seed(1)
+    src = [torch.randn(5, generator=g), torch.randn(2, 3, generator=g)]
+    dst = [torch.empty_like(t) for t in src]
+    foreach_scale(0, None, [src, dst], 0.25)
+    ref = [torch.empty_like(t) for t in src]
+    local_multi_tensor_scale(0, None, [src, ref], 0.25)
+    for a, b, s in zip(dst, ref, src):
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, s * 0.25)
+    same = [t.clone() for t in src]
+    foreach_scale(0, None, [same, same], 2.0)
+    for a, s in zip(same, src):
+        torch.testing.assert_close(a, s * 2.0)
