@@ -517,6 +517,7 @@ def train(args) -> list[dict]:
                 decoder_seq_length=None,
                 forward_only=False,
             )
+            lr = float(optimizer.param_groups[0]["lr"])  # the rate this iteration's update uses
             update_ok, grad_norm, _ = optimizer.step()
             if update_ok:
                 scheduler.step(increment=1)
@@ -543,7 +544,7 @@ def train(args) -> list[dict]:
                 "load_balancing_loss": moe["load_balancing_loss"],
                 "z_loss": moe["z_loss"],
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "lr": float(optimizer.param_groups[0]["lr"]),
+                "lr": lr,
                 "tokens": tokens,
                 "padding_tokens": padding,
                 "padding_fraction": padding / max(tokens + padding, 1),
