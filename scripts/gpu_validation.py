@@ -55,6 +55,24 @@ CASES: dict[str, tuple[int, list[str], str | None, str]] = {
     "ep2_bias": (2, BF16 + ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall",
                             "--moe-router-enable-expert-bias", "--moe-router-score-function", "sigmoid"], "bias",
                  "EP=2 with expert bias"),
+    # issue 7: 4 and 8 GPUs (tiny at these sizes; every layout against its 1-GPU reference)
+    "bshd_mbs1": (1, BF16 + ["--micro-batch-size", "1"], None, "1-GPU reference with micro-batches of 1 (for DP=8)"),
+    "tp2_cp2_thd": (4, BF16 + ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--context-parallel-size", "2",
+                               "--use-packed-sequence"], "bshd", "TP=2 x CP=2, THD"),
+    "ep4_bias": (4, BF16 + ["--expert-model-parallel-size", "4", "--moe-token-dispatcher-type", "alltoall",
+                            "--moe-router-enable-expert-bias", "--moe-router-score-function", "sigmoid"], "bias",
+                 "EP=4 with expert bias (DP=4)"),
+    "dp2_ep2_distopt": (4, BF16 + ["--expert-model-parallel-size", "2", "--tensor-model-parallel-size", "2",
+                                   "--sequence-parallel", "--use-distributed-optimizer"], "bshd",
+                        "TP=2 x DP=2, EP=2, distributed optimizer"),
+    "ep8": (8, BF16 + ["--micro-batch-size", "1", "--expert-model-parallel-size", "8",
+                       "--moe-token-dispatcher-type", "alltoall"], "bshd_mbs1", "EP=8 (DP=8)"),
+    "tp2_ep4_sp": (8, BF16 + ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                              "--expert-model-parallel-size", "4"], "bshd", "TP=2 x EP=4 with SP (DP=4)"),
+    "cp4_ep2_thd": (8, BF16 + ["--context-parallel-size", "4", "--expert-model-parallel-size", "2",
+                               "--use-packed-sequence"], "bshd", "CP=4 x EP=2, THD (DP=2)"),
+    "pp2_ep4": (8, BF16 + ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "4"], "bshd",
+                "PP=2 x EP=4 (DP=4)"),
 }
 
 
