@@ -43,7 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--truncate", action="store_true", help="cut samples longer than --seq-length (counted)")
     g.add_argument("--max-bad-samples", type=int, default=100,
                    help="skipped corrupt shards/samples allowed before it is an error (-1: no limit)")
-    g.add_argument("--num-workers", type=int, default=0, help="reserved: data is read in the main process")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)

@@ -190,6 +190,7 @@ def build_model_and_optimizer(args):
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, [ddp])
+    log.info("optimizer: fused AdamW kernel for %d parameter groups", _use_fused_adam(optimizer))
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if args.lr_warmup_iters else args.lr,
@@ -208,6 +209,29 @@ def build_model_and_optimizer(args):
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     return ddp, model, optimizer, scheduler
+
+
+def _use_fused_adam(optimizer) -> int:
+    """Switch megatron's torch (Adam)W to its fused kernel (one launch for all parameters).
+
+    Without TE/apex, megatron-core 0.19.2 builds ``torch.optim.AdamW`` with torch's default
+    (``foreach``) implementation and offers no switch; the fused one is the same update in one
+    kernel (CUDA, and CPU in recent torch). Set before the first step, so the optimizer state is
+    created for it. Returns the number of parameter groups switched.
+    """
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    n = 0
+    for opt in inner:
+        torch_opt = getattr(opt, "optimizer", None)
+        if not isinstance(torch_opt, (torch.optim.AdamW, torch.optim.Adam)) or "fused" not in torch_opt.defaults:
+            continue
+        for group in torch_opt.param_groups:
+            params = group["params"]
+            if params and all(p.is_floating_point() and p.device.type in ("cuda", "cpu") for p in params):
+                group["fused"], group["foreach"] = True, False
+                n += 1
+        torch_opt._step_supports_amp_scaling = True  # what torch sets when built with fused=True
+    return n
 
 
 # ------------------------------------------------------------------------------------------------
