@@ -152,3 +152,18 @@ def test_trains_on_shapes_shards_below_the_unigram_baseline_and_counts_bad_data(
     assert late < 0.6 * baseline, (late, baseline)
     assert "shapes-broken.tar" in r.stderr  # skipped and logged with its name
     assert recs[-1]["skipped_samples"] >= 1
+
+
+def test_seq_aux_loss_packed_equals_padded(tmp_path):
+    """seq_aux_loss normalises per sample: the packed run must tell the routers where each packed
+    sample is (MultimodalModel's sequence ids); then THD reports what padded BSHD reports."""
+    out = {}
+    for name, extra in (("bshd", []), ("thd", ["--use-packed-sequence"])):
+        r = _run(COMMON + ["--train-iters", "2", "--moe-router-load-balancing-type", "seq_aux_loss",
+                           "--metrics-file", str(tmp_path / f"{name}.jsonl"), *extra])
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[name] = _metrics(tmp_path / f"{name}.jsonl")
+    for a, b in zip(out["bshd"], out["thd"]):
+        assert a["load_balancing_loss"] > 0
+        assert abs(a["load_balancing_loss"] - b["load_balancing_loss"]) <= 1e-5 * a["load_balancing_loss"]
+        assert a["expert_tokens"] == b["expert_tokens"]

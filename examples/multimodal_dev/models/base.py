@@ -161,7 +161,8 @@ class MultimodalModel(MegatronModule):
         """THD: tell the routers which packed sample each of their tokens is in (seq_aux_loss
         normalises per sample), in the routers' layout: CP-split, then SP-scattered."""
         cu_p = batch.get("cu_seqlens_padded")
-        if cu_p is None or self.config.moe_router_load_balancing_type != "seq_aux_loss":
+        lbl = self.config.moe_router_load_balancing_type
+        if cu_p is None or "seq_aux_loss" not in (lbl if isinstance(lbl, (list, tuple)) else [lbl]):
             return contextlib.nullcontext()
         total = int(cu_p[-1])
         ids = torch.bucketize(torch.arange(total, device=cu_p.device), cu_p[1:].long(), right=True).view(1, -1)
