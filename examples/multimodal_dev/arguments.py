@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard optimizer state over DP (needs a GPU: megatron-core's distributed "
                         "optimizer assumes CUDA tensors)")
     g.add_argument("--moe-token-dispatcher-type", default="allgather", choices=["allgather", "alltoall"])
+    g.add_argument("--no-grouped-experts", action="store_true",
+                   help="run the routed experts with megatron's SequentialMLP loop instead of two grouped "
+                        "GEMMs (torch._grouped_mm; same parameters and checkpoints)")
 
     g = p.add_argument_group("MoE")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2)

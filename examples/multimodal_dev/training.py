@@ -129,6 +129,7 @@ def model_overrides(args) -> dict:
         calculate_per_token_loss=True,
         use_cpu_initialization=not on_gpu or args.layout_independent_init,
         transformer_impl=args.transformer_impl,
+        grouped_experts=not getattr(args, "no_grouped_experts", False),
     )
     if args.moe_router_score_function is not None:
         o["moe_router_score_function"] = args.moe_router_score_function
@@ -152,6 +153,7 @@ def build_model_and_optimizer(args):
 
     overrides = model_overrides(args)
     transformer_impl = overrides.pop("transformer_impl")
+    grouped_experts = overrides.pop("grouped_experts")
     params_dtype = overrides.pop("params_dtype", torch.float32)
     model = build_model(
         args.model_arch,
@@ -161,6 +163,7 @@ def build_model_and_optimizer(args):
         params_dtype=params_dtype,
         vision_seed=args.seed + 1 if args.layout_independent_init else None,
         transformer_impl=transformer_impl,
+        grouped_experts=grouped_experts,
         **overrides,
     )
     if args.layout_independent_init:
