@@ -29,11 +29,12 @@ def _init_world():
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megatron.mcore_ext import cpu_runtime
+    from megatron.mcore_ext.netutil import free_port
 
     on_cpu = cpu_runtime.apply()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group("gloo" if on_cpu else "nccl", rank=0, world_size=1)
     if not on_cpu:
         torch.cuda.set_device(0)
@@ -41,14 +42,6 @@ def _init_world():
     torch.manual_seed(1234)  # CPU-side init (use_cpu_initialization) draws from the CPU generator
     model_parallel_cuda_manual_seed(1234)
     return on_cpu
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _samples(n: int, vocab: int, gen: torch.Generator):

@@ -76,6 +76,7 @@ def initialize(args) -> bool:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megatron.mcore_ext import cpu_runtime
+    from megatron.mcore_ext.netutil import free_port
 
     on_cpu = cpu_runtime.apply()
     from megatron.mcore_ext import fallbacks
@@ -84,7 +85,7 @@ def initialize(args) -> bool:
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # a plain `python pretrain_multimodal.py`: one process
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         if not on_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -102,14 +103,6 @@ def initialize(args) -> bool:
     if on_cpu:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
     return on_cpu
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ import dataclasses
 import os
 import pickle
 import queue as queue_mod
-import socket
 import sys
 import time
 import traceback
@@ -35,6 +34,8 @@ from datetime import timedelta
 from typing import Any
 
 import torch.multiprocessing as mp
+
+from megatron.mcore_ext.netutil import free_port as _free_port
 
 __all__ = ["ParallelLayout", "run_distributed", "DistributedTestError", "shutdown_pools"]
 
@@ -68,12 +69,6 @@ class ParallelLayout:
                 f"world_size={world_size} is not divisible by etp*ep*pp={etp * self.ep * self.pp} ({self})"
             )
         return world_size // mp_size
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _setup_layout(layout: ParallelLayout, seed: int) -> None:

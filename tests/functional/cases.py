@@ -17,12 +17,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
+
+from megatron.mcore_ext.netutil import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRY = ROOT / "examples" / "multimodal_dev" / "pretrain_multimodal.py"
@@ -90,12 +91,6 @@ def versions() -> dict:
     from importlib.metadata import version
 
     return {"torch": torch.__version__, "megatron-core": version("megatron-core"), "python": sys.version.split()[0]}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def command(case: Case, metrics_file: str) -> list[str]:
