@@ -5,7 +5,17 @@ import dataclasses
 import functools
 from collections.abc import Mapping
 
-__all__ = ["replace_modules", "local_spec"]
+__all__ = ["replace_modules", "local_spec", "LOCAL_SPEC_CONFIG"]
+
+#: TransformerConfig settings the pure-PyTorch local spec needs wherever it runs: no fused kernels
+#: that exist only with apex / TE / CUDA extensions, weights initialised on the CPU generator.
+LOCAL_SPEC_CONFIG = dict(
+    bias_dropout_fusion=False,
+    masked_softmax_fusion=False,
+    gradient_accumulation_fusion=False,
+    persist_layer_norm=False,
+    use_cpu_initialization=True,
+)
 
 
 def replace_modules(spec, mapping: Mapping[type, type]):

@@ -287,6 +287,8 @@ def tiny_moe_gpt(
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from megatron.mcore_ext.spec import LOCAL_SPEC_CONFIG
+
     cfg_kwargs = dict(
         num_layers=num_layers,
         hidden_size=hidden_size,
@@ -299,15 +301,11 @@ def tiny_moe_gpt(
         expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
         expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
         sequence_parallel=sequence_parallel,
-        use_cpu_initialization=True,
         add_bias_linear=False,
         params_dtype=__import__("torch").float32,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
+        **LOCAL_SPEC_CONFIG,
     )
     if num_moe_experts:
         cfg_kwargs.update(

@@ -157,6 +157,8 @@ class Qwen35TextConfig:
         from megatron.core import parallel_state as ps
         from megatron.core.transformer.transformer_config import TransformerConfig
 
+        from megatron.mcore_ext.spec import LOCAL_SPEC_CONFIG
+
         if self.linear_attention_layers:
             raise NotImplementedError(
                 f"layers {self.linear_attention_layers} are 'linear_attention' (Gated DeltaNet), which "
@@ -213,11 +215,7 @@ class Qwen35TextConfig:
             params_dtype=torch.float32,
             hidden_dropout=0.0,
             attention_dropout=0.0,
-            bias_dropout_fusion=False,
-            masked_softmax_fusion=False,
-            gradient_accumulation_fusion=False,
-            persist_layer_norm=False,
-            use_cpu_initialization=True,
+            **LOCAL_SPEC_CONFIG,
         )
         kw.update(overrides)
         return TransformerConfig(**kw)
