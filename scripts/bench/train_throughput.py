@@ -340,14 +340,23 @@ def profile(name: str, step, batches, out_dir: str, after_step=None) -> str:
     path = os.path.join(out_dir, f"{name}.json")
     prof.export_chrome_trace(path)
     ka = prof.key_averages()
-    table = None
-    for key in (("self_cuda_time_total", "self_device_time_total") if _cuda() else ()) + ("self_cpu_time_total",):
+    keys = (("self_cuda_time_total", "self_device_time_total") if _cuda() else ()) + ("self_cpu_time_total",)
+    printed_device = False
+    for key in keys:
+        if printed_device and key != "self_cpu_time_total":
+            continue
         try:
-            table = ka.table(sort_by=key, row_limit=15)
-            break
+            table = ka.table(sort_by=key, row_limit=25)
         except Exception:  # noqa: BLE001 - the key's name changed across torch versions
             continue
-    print(f"  [{name}] top-15 ops over {len(batches)} profiled steps (trace: {path}):\n{table}", flush=True)
+        printed_device = printed_device or key != "self_cpu_time_total"
+        print(f"  [{name}] top-25 ops by {key} over {len(batches)} profiled steps (trace: {path}):\n{table}",
+              flush=True)
+    # host syncs: each one stalls the CPU until the GPU has caught up
+    syncs = {e.key: e.count for e in ka if any(s in e.key for s in ("Synchronize", "aten::item", "aten::_local_scalar_dense",
+                                                                   "Memcpy DtoH", "cudaMemcpy"))}
+    if syncs:
+        print(f"  [{name}] sync-like ops (count over {len(batches)} steps): {syncs}", flush=True)
     return path
 
 
