@@ -8,13 +8,15 @@ a thousand norm kernels and syncs per step (seen in the PyTorch profiler on an H
 
 ``apply()`` replaces those two fallbacks (and only when TE and apex are absent, so real fused
 kernels always win) with ``torch._foreach_norm`` / ``torch._foreach_mul`` versions: the same
-arithmetic, a handful of kernels, no host sync. Applied by the trainer at start-up; idempotent.
+arithmetic, a handful of kernels, no host sync. It also replaces the main->model parameter copy
+after each bf16 optimizer step, which megatron-core does one tensor at a time even with apex/TE
+(``foreach_copy_this_to_that``). Applied by the trainer at start-up; idempotent.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["apply", "foreach_l2_norm", "foreach_scale"]
+__all__ = ["apply", "foreach_l2_norm", "foreach_scale", "foreach_copy_this_to_that"]
 
 _applied = False
 
@@ -39,9 +41,25 @@ def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
         torch._foreach_copy_(list(dst), torch._foreach_mul(list(src), scale))
 
 
+def foreach_copy_this_to_that(this, that, overflow_buf=None):
+    """Drop-in for ``optimizer._multi_tensor_copy_this_to_that``: ``that[i].copy_(this[i])``.
+
+    megatron-core copies the fp32 main parameters into the bf16 model parameters after every
+    optimizer step with one ``copy_`` per tensor whenever ``overflow_buf`` is None -- which it
+    always is for bf16 training, with or without apex/TE (about a thousand launches per step for
+    ``proxy``). ``torch._foreach_copy_`` does the same copies (with the dtype cast) in one call."""
+    if overflow_buf is not None:
+        overflow_buf.fill_(0)
+    this, that = list(this), list(that)
+    if len(this) != len(that):
+        raise ValueError(f"foreach_copy_this_to_that: {len(this)} sources for {len(that)} destinations")
+    if this:
+        torch._foreach_copy_(that, this)
+
+
 def apply() -> bool:
-    """Swap in the foreach versions where megatron-core uses its local fallbacks. Returns True
-    when it did (no TE, no apex)."""
+    """Swap in the foreach versions where megatron-core would loop per tensor. Returns True when
+    it replaced anything."""
     global _applied
     if _applied:
         return True
@@ -58,6 +76,10 @@ def apply() -> bool:
         changed = True
     if getattr(moptimizer, "multi_tensor_scale_impl", None) is local_multi_tensor_scale:
         moptimizer.multi_tensor_scale_impl = foreach_scale
+        changed = True
+    # bf16 main->model parameter copy: megatron loops per tensor whatever is installed
+    if getattr(moptimizer, "_multi_tensor_copy_this_to_that", foreach_copy_this_to_that) is not foreach_copy_this_to_that:
+        moptimizer._multi_tensor_copy_this_to_that = foreach_copy_this_to_that
         changed = True
     _applied = True
     return changed

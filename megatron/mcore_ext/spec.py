@@ -47,14 +47,21 @@ def replace_modules(spec, mapping: Mapping[type, type]):
 
 
 def local_spec(spec):
-    """Our pure-PyTorch pieces in a megatron-core local spec: SP-capable norms, THD/CP attention."""
+    """Our pure-PyTorch pieces in a megatron-core local spec: SP-capable norms, THD/CP attention,
+    and self-attention that leaves THD RoPE to that core attention (``packed_rope``)."""
+    from megatron.core.transformer.attention import SelfAttention
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     from megatron.mcore_ext.attention import TorchDotProductAttention
     from megatron.mcore_ext.norm import TorchNorm
+    from megatron.mcore_ext.packed_rope import PackedRopeSelfAttention
 
-    mapping = {WrappedTorchNorm: TorchNorm, DotProductAttention: TorchDotProductAttention}
+    mapping = {
+        WrappedTorchNorm: TorchNorm,
+        DotProductAttention: TorchDotProductAttention,
+        SelfAttention: PackedRopeSelfAttention,
+    }
     try:
         from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
 

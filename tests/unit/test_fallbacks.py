@@ -37,3 +37,32 @@ def test_scale_in_place_and_into_other_tensors():
     foreach_scale(0, None, [same, same], 2.0)
     for a, s in zip(same, src):
         torch.testing.assert_close(a, s * 2.0)
+
+
+def test_copy_this_to_that_casts_like_megatron_loop():
+    from megatron.core.optimizer.optimizer import _multi_tensor_copy_this_to_that as megatron_copy
+
+    from megatron.mcore_ext.fallbacks import foreach_copy_this_to_that
+
+    g = torch.Generator().manual_seed(2)
+    main = [torch.randn(s, generator=g) for s in ((4, 3), (5,), (1, 1, 7))]  # fp32 main params
+    if megatron_copy is foreach_copy_this_to_that:  # applied by an earlier test in this process
+        ref = [t.to(torch.bfloat16) for t in main]
+    else:
+        ref = [torch.empty(t.shape, dtype=torch.bfloat16) for t in main]
+        megatron_copy(main, ref, None)  # its bf16 path: a copy_ per tensor
+    ours = [torch.zeros(t.shape, dtype=torch.bfloat16) for t in main]
+    foreach_copy_this_to_that(main, ours, None)
+    for a, b, m in zip(ours, ref, main):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a.float(), m, rtol=1e-2, atol=1e-2)
+    flag = torch.ones(1, dtype=torch.int)
+    foreach_copy_this_to_that(main, ours, flag)
+    assert int(flag) == 0
+    try:
+        foreach_copy_this_to_that(main, ours[:2], None)
+    except ValueError as e:
+        assert "3 sources for 2 destinations" in str(e)
+    else:
+        raise AssertionError("a length mismatch must raise")

@@ -240,7 +240,9 @@ class Qwen35GPTModel(GPTModel):
     MRoPE model); megatron's own ``MultimodalRotaryEmbedding`` (contiguous sections, CP re-split)
     is then replaced by ours. The only other change: for packed (THD) input under context
     parallelism the angles are laid out the way megatron's THD RoPE slices them
-    (``rope.packed_freqs_for_cp``), because only here ``packed_seq_params`` is known.
+    (``rope.packed_freqs_for_cp``), because only here ``packed_seq_params`` is known -- unless every
+    attention layer is ``packed_rope.PackedRopeSelfAttention`` (the local spec), which applies
+    this rank's angles as they are, in one pass.
     """
 
     def __init__(self, config, transformer_layer_spec, *, mrope_section, **kwargs):
@@ -258,6 +260,11 @@ class Qwen35GPTModel(GPTModel):
             rotary_base=kwargs.get("rotary_base", 10000),
             mrope_section=mrope_section,
         )
+        # our THD RoPE (packed_rope) takes this rank's angles in local order; megatron's (TE or
+        # another spec) takes them at global positions under context parallelism
+        from megatron.mcore_ext.packed_rope import takes_local_thd_angles
+
+        self._local_thd_angles = takes_local_thd_angles(self)
 
     def _preprocess(
         self,
@@ -280,7 +287,7 @@ class Qwen35GPTModel(GPTModel):
         if rot is not None and packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             cp_group = self.pg_collection.cp  # the group the attention layers' RoPE uses
             cp_size = cp_group.size() if cp_group is not None else 1
-            if cp_size > 1:
+            if cp_size > 1 and not self._local_thd_angles:
                 cu = packed_seq_params.cu_seqlens_q_padded
                 if cu is None:
                     cu = packed_seq_params.cu_seqlens_q
