@@ -189,26 +189,48 @@ def _axis_taps(index: torch.Tensor, size: torch.Tensor, side: int):
     return torch.stack([lo, hi], -1), torch.stack([1.0 - frac, frac], -1)
 
 
-def _frame_groups(grid_thw: torch.Tensor, device: torch.device):
-    """Frames grouped by length: list of ``(length, token_index [n_frames, length] or None)``.
+class _Frames(list):
+    """Frames grouped by length: a list of ``(length, token_index [n_frames, length] or None)``
+    (``None``: every frame has this length, so a plain reshape does the gathering), and, for the
+    flash varlen kernel, the frames' boundaries ``cu_seqlens`` (int32, on the device) and the
+    longest frame ``max_len``."""
 
-    ``None`` means that every frame has this length, so a plain reshape does the gathering."""
+    cu_seqlens: torch.Tensor
+    max_len: int
+
+
+def _varlen_ok(q: torch.Tensor) -> bool:
+    """Frames of several lengths on a GPU in half precision: one varlen flash kernel instead of a
+    gather / SDPA / scatter per length (host-bound for small images)."""
+    from megatron.mcore_ext.attention import varlen_available
+
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and varlen_available()
+
+
+def _frame_groups(grid_thw: torch.Tensor, device: torch.device) -> _Frames:
+    """Frames of the images in patch order (see ``_Frames``)."""
     lens = []
     for t, h, w in grid_thw.tolist():
         lens += [int(h) * int(w)] * int(t)
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    frames = _Frames()
+    frames.cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=device)
+    frames.max_len = max(lens)
     if len(set(lens)) == 1:
-        return [(lens[0], None)]
+        frames.append((lens[0], None))
+        return frames
     starts = [0]
     for n in lens[:-1]:
         starts.append(starts[-1] + n)
     by_len: dict[int, list[int]] = {}
     for s, n in zip(starts, lens):
         by_len.setdefault(n, []).append(s)
-    groups = []
     for n, ss in by_len.items():
         idx = torch.tensor(ss, device=device)[:, None] + torch.arange(n, device=device)[None, :]
-        groups.append((n, idx))
-    return groups
+        frames.append((n, idx))
+    return frames
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -242,6 +264,12 @@ class _VisionAttention(nn.Module):
                           for t in (q, k, v))
             out = F.scaled_dot_product_attention(qs, ks, vs, scale=self.head_dim ** -0.5)
             out = out.transpose(1, 2).reshape(n, -1)
+        elif _varlen_ok(q):
+            from megatron.mcore_ext.attention import varlen_thd_attention
+
+            out = varlen_thd_attention(q, k, v, groups.cu_seqlens, groups.cu_seqlens, groups.max_len,
+                                       groups.max_len, causal=False, scale=self.head_dim ** -0.5)
+            out = out.reshape(n, -1)
         else:
             out = q.new_empty(n, self.num_heads, self.head_dim)
             for length, idx in groups:
