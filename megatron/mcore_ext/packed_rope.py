@@ -4,8 +4,8 @@ megatron-core 0.19.2 without Transformer Engine applies RoPE to THD input in
 ``rope_utils._apply_rotary_pos_emb_thd``: it reads ``cu_seqlens`` to the host (``tolist()`` and
 one ``item()`` per packed sample) and slices and concatenates the angles sample by sample -- for
 query and key, in every layer. On a GPU each of those reads waits for all queued work, so the host
-cannot run ahead of the GPU through the forward pass (measured for ``proxy`` on an H100: about 150
-host syncs per training step, nearly all of them here).
+cannot run ahead of the GPU through the forward pass (measured for ``proxy`` on an H100, 4 packed
+samples per step: ~150 ``item()`` reads per step, nearly all of them here; docs/performance.md).
 
 Our models compute the angles per token (MRoPE position ids are per token already), so for a
 packed row the angle of token ``i`` is row ``i`` of the angle tensor, and megatron's per-sample
@@ -20,7 +20,6 @@ fused RoPE, angles of another length, another core attention) takes megatron's o
 from __future__ import annotations
 
 import copy
-from typing import Optional
 
 import torch
 

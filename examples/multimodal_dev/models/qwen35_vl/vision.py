@@ -217,7 +217,7 @@ def _frame_groups(grid_thw: torch.Tensor, device: torch.device) -> _Frames:
         cu.append(cu[-1] + n)
     frames = _Frames()
     frames.cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=device)
-    frames.max_len = max(lens)
+    frames.max_len = max(lens, default=0)
     if len(set(lens)) == 1:
         frames.append((lens[0], None))
         return frames
