@@ -18,8 +18,20 @@ It applies when the experts are plain: no bias, no expert tensor parallelism (ea
 whole experts), no FP8/FP4, probabilities applied after the activation, ``torch._grouped_mm``
 available; otherwise it falls back to ``SequentialMLP.forward``. Plug it in through the spec
 (``use_grouped_experts``), like the router.
+
+Gradient accumulation into ``main_grad`` (under megatron's DDP): left to autograd, the stacked
+weight gradient ``[E, out, in]`` is split into one ``.grad`` per expert, and DDP's per-parameter
+hook adds each into that parameter's ``main_grad`` -- 64 ``add_`` launches per MoE layer for 32
+experts. Instead a hook on the stacked tensor adds the whole gradient with one foreach call and
+marks the parameters ``grad_added_to_main_grad``, which DDP's hook honours (megatron's own
+``gradient_accumulation_fusion`` contract, which its ``zero_grad_buffer`` resets every
+iteration). Every micro-batch of a model takes the same path (the conditions above are fixed
+per model); a micro-batch with no local tokens runs ``SequentialMLP.forward``, whose weight
+gradients are then exactly zero, so skipping their ``add_`` loses nothing.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +51,8 @@ class GroupedGemmSequentialMLP(SequentialMLP):
     def _grouped_ok(self, x: torch.Tensor) -> bool:
         cfg = self.config
         if not grouped_mm_available() or self.num_local_experts < 2 or x.shape[0] == 0:
+            return False
+        if cfg.gradient_accumulation_fusion:  # megatron's fused wgrad kernels (TE/apex) own main_grad
             return False
         if cfg.add_bias_linear or cfg.fp8 or cfg.fp4 or cfg.moe_apply_probs_on_input:
             return False
@@ -61,8 +75,8 @@ class GroupedGemmSequentialMLP(SequentialMLP):
         counts = torch.as_tensor(tokens_per_expert, device=x.device)
         offs = torch.cumsum(counts, 0).to(torch.int32)
         # [E, in, out] views of the experts' [out, in] weights
-        w1 = torch.stack([e.linear_fc1.weight for e in self.local_experts]).transpose(1, 2)
-        w2 = torch.stack([e.linear_fc2.weight for e in self.local_experts]).transpose(1, 2)
+        w1 = _stacked([e.linear_fc1.weight for e in self.local_experts]).transpose(1, 2)
+        w2 = _stacked([e.linear_fc2.weight for e in self.local_experts]).transpose(1, 2)
         h = torch._grouped_mm(x, w1.to(x.dtype), offs=offs)
         if self.config.gated_linear_unit:
             gate, up = torch.chunk(h, 2, dim=-1)
@@ -73,6 +87,24 @@ class GroupedGemmSequentialMLP(SequentialMLP):
         h = (h * permuted_probs.unsqueeze(-1)).to(dtype)
         out = torch._grouped_mm(h, w2.to(h.dtype), offs=offs)
         return out, None
+
+
+def _stacked(weights: list) -> torch.Tensor:
+    """``torch.stack(weights)``; when every weight has a DDP ``main_grad`` (and autograd will reach
+    them), the stacked gradient goes straight into those buffers (see the module docstring)."""
+    w = torch.stack(weights)
+    if w.requires_grad and all(hasattr(p, "main_grad") and hasattr(p, "grad_added_to_main_grad")
+                               and not getattr(p, "zero_out_wgrad", False) for p in weights):
+        w.register_hook(functools.partial(_add_to_main_grads, weights))
+    return w
+
+
+def _add_to_main_grads(weights: list, grad: torch.Tensor) -> torch.Tensor:
+    mains = [p.main_grad for p in weights]
+    torch._foreach_add_(mains, list(grad.to(mains[0].dtype).unbind(0)))
+    for p in weights:
+        p.grad_added_to_main_grad = True  # DDP's hook: already in main_grad, do not add .grad
+    return grad
 
 
 def use_grouped_experts(spec):
