@@ -495,6 +495,35 @@ def _dims_from_megatron(sd: Mapping[str, torch.Tensor]) -> _Dims:
     return _Dims(nh, ng, hd, len(layers), E, I, Is, moe, "output_layer.weight" not in sd, [])
 
 
+def _refuse_linear_attention(cfg) -> None:
+    if cfg.linear_attention_layers:
+        raise NotImplementedError(
+            f"layers {cfg.linear_attention_layers} are linear_attention (Gated DeltaNet): not supported yet"
+        )
+
+
+class _KeyTaker:
+    """``take(k)`` reads key ``k`` of a state dict being converted and remembers it;
+    ``check_all_used()`` then fails on every key no conversion rule consumed. ``prefix`` is
+    prepended to the keys named in errors (the part of the HF key already stripped)."""
+
+    def __init__(self, sd: Mapping[str, torch.Tensor], what: str, keys_name: str, prefix: str = ""):
+        self.sd, self.what, self.keys_name, self.prefix = sd, what, keys_name, prefix
+        self.used: set[str] = set()
+
+    def __call__(self, k: str) -> torch.Tensor:
+        if k not in self.sd:
+            raise KeyError(f"{self.what} has no '{self.prefix}{k}'")
+        self.used.add(k)
+        return self.sd[k]
+
+    def check_all_used(self) -> None:
+        left = sorted(set(self.sd) - self.used)
+        if left:
+            raise KeyError(f"{self.keys_name} not converted: {[self.prefix + k for k in left[:10]]} "
+                           f"({len(left)} in all)")
+
+
 def _as_dims(cfg: Optional[Qwen35TextConfig]) -> Optional[_Dims]:
     if cfg is None:
         return None
@@ -519,17 +548,8 @@ def language_state_from_hf(
     """
     lm, head = _strip_hf_prefix(hf_sd)
     cfg = _as_dims(cfg) or _dims_from_hf(lm, head)
-    if cfg.linear_attention_layers:
-        raise NotImplementedError(
-            f"layers {cfg.linear_attention_layers} are linear_attention (Gated DeltaNet): not supported yet"
-        )
-    used: set[str] = set()
-
-    def take(k: str) -> torch.Tensor:
-        if k not in lm:
-            raise KeyError(f"HF state dict has no '{HF_LM_PREFIX}{k}'")
-        used.add(k)
-        return lm[k]
+    _refuse_linear_attention(cfg)
+    take = _KeyTaker(lm, "HF state dict", "HF language keys", prefix=HF_LM_PREFIX)
 
     out: dict[str, torch.Tensor] = {"embedding.word_embeddings.weight": take("embed_tokens.weight")}
     E = cfg.num_experts
@@ -575,9 +595,7 @@ def language_state_from_hf(
         if head is None:
             raise KeyError("HF state dict has no 'lm_head.weight' (tie_word_embeddings=False)")
         out["output_layer.weight"] = head
-    left = sorted(set(lm) - used)
-    if left:
-        raise KeyError(f"HF language keys not converted: {[HF_LM_PREFIX + k for k in left[:10]]} ({len(left)} in all)")
+    take.check_all_used()
     return out
 
 
@@ -594,18 +612,9 @@ def language_state_to_hf(
     """
     sd = {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
     cfg = _as_dims(cfg) or _dims_from_megatron(sd)
-    if cfg.linear_attention_layers:
-        raise NotImplementedError(
-            f"layers {cfg.linear_attention_layers} are linear_attention (Gated DeltaNet): not supported yet"
-        )
+    _refuse_linear_attention(cfg)
     P = HF_LM_PREFIX
-    used: set[str] = set()
-
-    def take(k: str) -> torch.Tensor:
-        if k not in sd:
-            raise KeyError(f"megatron state dict has no '{k}'")
-        used.add(k)
-        return sd[k]
+    take = _KeyTaker(sd, "megatron state dict", "megatron keys")
 
     out: dict[str, torch.Tensor] = {P + "embed_tokens.weight": take("embedding.word_embeddings.weight")}
     E, I, Is = cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
@@ -647,7 +656,5 @@ def language_state_to_hf(
         out["lm_head.weight"] = take("output_layer.weight")
     elif not cfg.tie_word_embeddings:
         raise KeyError("megatron state dict has no 'output_layer.weight' (tie_word_embeddings=False)")
-    left = sorted(set(sd) - used)
-    if left:
-        raise KeyError(f"megatron keys not converted: {left[:10]} ({len(left)} in all)")
+    take.check_all_used()
     return out
