@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-grouped-experts", action="store_true",
                    help="run the routed experts with megatron's SequentialMLP loop instead of two grouped "
                         "GEMMs (torch._grouped_mm; same parameters and checkpoints)")
+    g.add_argument("--no-sync-free-dispatch", action="store_true",
+                   help="with the grouped experts and the allgather dispatcher: permute tokens with "
+                        "megatron's dispatcher (reads the per-expert counts to the host every MoE layer) "
+                        "instead of our fixed-shape device-side sort (megatron.mcore_ext.sorted_dispatch)")
 
     g = p.add_argument_group("MoE")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2)

@@ -123,6 +123,7 @@ def model_overrides(args) -> dict:
         use_cpu_initialization=not on_gpu or args.layout_independent_init,
         transformer_impl=args.transformer_impl,
         grouped_experts=not getattr(args, "no_grouped_experts", False),
+        sync_free_dispatch=not getattr(args, "no_sync_free_dispatch", False),
     )
     if args.moe_router_score_function is not None:
         o["moe_router_score_function"] = args.moe_router_score_function
@@ -147,6 +148,7 @@ def build_model_and_optimizer(args):
     overrides = model_overrides(args)
     transformer_impl = overrides.pop("transformer_impl")
     grouped_experts = overrides.pop("grouped_experts")
+    sync_free_dispatch = overrides.pop("sync_free_dispatch")
     params_dtype = overrides.pop("params_dtype", torch.float32)
     model = build_model(
         args.model_arch,
@@ -157,6 +159,7 @@ def build_model_and_optimizer(args):
         vision_seed=args.seed + 1 if args.layout_independent_init else None,
         transformer_impl=transformer_impl,
         grouped_experts=grouped_experts,
+        sync_free_dispatch=sync_free_dispatch,
         **overrides,
     )
     if args.layout_independent_init:

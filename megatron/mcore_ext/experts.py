@@ -48,6 +48,11 @@ def grouped_mm_available() -> bool:
 class GroupedGemmSequentialMLP(SequentialMLP):
     """``SequentialMLP`` whose forward runs all local experts as two grouped GEMMs."""
 
+    #: ``tokens_per_expert`` may be a device tensor and the buffer may carry unused rows after the
+    #: last expert's (``sorted_dispatch.SortedAllGatherTokenDispatcher``): the grouped path leaves
+    #: them alone, the fallback slices them off
+    takes_padded_dispatch: bool = True
+
     def _grouped_ok(self, x: torch.Tensor) -> bool:
         cfg = self.config
         if not grouped_mm_available() or self.num_local_experts < 2 or x.shape[0] == 0:
@@ -71,7 +76,12 @@ class GroupedGemmSequentialMLP(SequentialMLP):
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         x = permuted_local_hidden_states
         if not self._grouped_ok(x):
-            return super().forward(x, tokens_per_expert, permuted_probs)
+            counts = torch.as_tensor(tokens_per_expert).cpu()  # SequentialMLP splits on the host
+            n = int(counts.sum())
+            if n == x.shape[0]:
+                return super().forward(x, counts, permuted_probs)
+            out, bias = super().forward(x[:n], counts, permuted_probs[:n])  # a padded buffer
+            return torch.cat([out, out.new_zeros((x.shape[0] - n,) + tuple(out.shape[1:]))]), bias
         counts = torch.as_tensor(tokens_per_expert, device=x.device)
         offs = torch.cumsum(counts, 0).to(torch.int32)
         # [E, in, out] views of the experts' [out, in] weights
@@ -107,8 +117,17 @@ def _add_to_main_grads(weights: list, grad: torch.Tensor) -> torch.Tensor:
     return grad
 
 
-def use_grouped_experts(spec):
-    """Return a copy of a megatron-core spec tree with ``SequentialMLP`` replaced by ours."""
+def use_grouped_experts(spec, sync_free_dispatch: bool = True):
+    """Return a copy of a megatron-core spec tree with ``SequentialMLP`` replaced by ours, and
+    and (``sync_free_dispatch``) ``MoELayer`` by ``GroupedMoELayer``, which gives those experts
+    the sync-free allgather dispatcher (``sorted_dispatch``)."""
     from megatron.mcore_ext.spec import replace_modules
 
-    return replace_modules(spec, {SequentialMLP: GroupedGemmSequentialMLP})
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron.mcore_ext.sorted_dispatch import GroupedMoELayer
+
+    mapping = {SequentialMLP: GroupedGemmSequentialMLP}
+    if sync_free_dispatch:
+        mapping[MoELayer] = GroupedMoELayer
+    return replace_modules(spec, mapping)

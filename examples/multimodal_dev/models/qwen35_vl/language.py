@@ -326,6 +326,7 @@ def build_qwen35_language_model(
     vp_stage: Optional[int] = None,
     transformer_impl: str = "auto",
     grouped_experts: bool = True,
+    sync_free_dispatch: bool = True,
     **overrides,
 ) -> Qwen35GPTModel:
     """The Qwen3.5 text decoder as a megatron-core GPTModel (local spec, pure-PyTorch pieces).
@@ -336,7 +337,9 @@ def build_qwen35_language_model(
     to sequence parallelism (``MultimodalModel`` does it after merging the image embeddings);
     the output layer is untied unless the config ties it. ``grouped_experts`` (local spec): the
     routed experts run as two ``torch._grouped_mm`` calls instead of a loop over experts (the same
-    parameters and checkpoints; ``megatron.mcore_ext.experts``).
+    parameters and checkpoints; ``megatron.mcore_ext.experts``); with the allgather dispatcher
+    they get their tokens from a fixed-shape device-side sort, with no host reads
+    (``sync_free_dispatch``, ``megatron.mcore_ext.sorted_dispatch``).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -354,7 +357,7 @@ def build_qwen35_language_model(
         if grouped_experts:
             from megatron.mcore_ext.experts import use_grouped_experts
 
-            spec = use_grouped_experts(spec)
+            spec = use_grouped_experts(spec, sync_free_dispatch=sync_free_dispatch)
     if padding_aware_router:
         spec = use_padding_aware_router(spec)
     if pre_process is None:
