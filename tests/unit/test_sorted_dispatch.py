@@ -37,7 +37,7 @@ def _layer_and_reference():
     layers = [m for m in lm.modules() if isinstance(m, GroupedMoELayer)]
     assert len(layers) == text.num_hidden_layers  # the spec put ours in every MoE layer
     assert all(isinstance(m.token_dispatcher, SortedAllGatherTokenDispatcher) for m in layers)
-    layer = layers[0]
+    layer = layers[0].cpu()  # the CPU reference kernel (on a GPU machine the model is built on the GPU)
     ours = layer.token_dispatcher
     ref = MoEAllGatherTokenDispatcher(
         layer.num_local_experts, layer.local_expert_indices, config=layer.config,
