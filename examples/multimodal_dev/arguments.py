@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with the grouped experts and the allgather dispatcher: permute tokens with "
                         "megatron's dispatcher (reads the per-expert counts to the host every MoE layer) "
                         "instead of our fixed-shape device-side sort (megatron.mcore_ext.sorted_dispatch)")
+    g.add_argument("--chunked-lm-loss", action="store_true",
+                   help="compute the training loss from the LM head in token chunks (megatron.mcore_ext."
+                        "lm_loss) instead of from full [tokens, vocab] logits with megatron's vocab-parallel "
+                        "cross entropy: less memory (measured on proxy, 1 H100: -2.2 GiB THD, -4.3 GiB "
+                        "BSHD), one more LM-head GEMM per step")
 
     g = p.add_argument_group("MoE")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2)

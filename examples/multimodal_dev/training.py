@@ -124,6 +124,7 @@ def model_overrides(args) -> dict:
         transformer_impl=args.transformer_impl,
         grouped_experts=not getattr(args, "no_grouped_experts", False),
         sync_free_dispatch=not getattr(args, "no_sync_free_dispatch", False),
+        chunked_lm_loss=getattr(args, "chunked_lm_loss", False),
     )
     if args.moe_router_score_function is not None:
         o["moe_router_score_function"] = args.moe_router_score_function
@@ -149,6 +150,7 @@ def build_model_and_optimizer(args):
     transformer_impl = overrides.pop("transformer_impl")
     grouped_experts = overrides.pop("grouped_experts")
     sync_free_dispatch = overrides.pop("sync_free_dispatch")
+    chunked_lm_loss = overrides.pop("chunked_lm_loss")
     params_dtype = overrides.pop("params_dtype", torch.float32)
     model = build_model(
         args.model_arch,
@@ -160,6 +162,7 @@ def build_model_and_optimizer(args):
         transformer_impl=transformer_impl,
         grouped_experts=grouped_experts,
         sync_free_dispatch=sync_free_dispatch,
+        chunked_lm_loss=chunked_lm_loss,
         **overrides,
     )
     if args.layout_independent_init:

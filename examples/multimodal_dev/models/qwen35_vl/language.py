@@ -243,9 +243,13 @@ class Qwen35GPTModel(GPTModel):
     (``rope.packed_freqs_for_cp``), because only here ``packed_seq_params`` is known -- unless every
     attention layer is ``packed_rope.PackedRopeSelfAttention`` (the local spec), which applies
     this rank's angles as they are, in one pass.
+
+    With labels and ``chunked_lm_loss``, the LM head and its cross entropy run in token chunks
+    (``megatron.mcore_ext.lm_loss``: the same [b, s] loss without [tokens, vocab] logits in
+    memory); without labels the logits come back as ever.
     """
 
-    def __init__(self, config, transformer_layer_spec, *, mrope_section, **kwargs):
+    def __init__(self, config, transformer_layer_spec, *, mrope_section, chunked_lm_loss: bool = False, **kwargs):
         kwargs.setdefault("position_embedding_type", "mrope")
         if kwargs["position_embedding_type"] != "mrope":
             raise ValueError("Qwen35GPTModel needs position_embedding_type='mrope'")
@@ -265,6 +269,20 @@ class Qwen35GPTModel(GPTModel):
         from megatron.mcore_ext.packed_rope import takes_local_thd_angles
 
         self._local_thd_angles = takes_local_thd_angles(self)
+        self.chunked_lm_loss = bool(chunked_lm_loss)
+
+    def forward(self, *args, labels=None, output_processor=None, **kwargs):
+        if (labels is not None and output_processor is None and self.chunked_lm_loss
+                and not self.config.use_mup):  # MuP scales the logits: megatron's path
+            output_processor = self._chunked_loss
+        return super().forward(*args, labels=labels, output_processor=output_processor, **kwargs)
+
+    def _chunked_loss(self, *, hidden_states, output_layer, output_weight, labels, **unused):
+        from megatron.mcore_ext.lm_loss import chunked_lm_loss
+
+        weight = output_weight if output_weight is not None else output_layer.weight
+        return chunked_lm_loss(hidden_states, weight, labels, tp_group=output_layer.tp_group,
+                               sequence_parallel=output_layer.sequence_parallel)
 
     def _preprocess(
         self,
@@ -327,6 +345,7 @@ def build_qwen35_language_model(
     transformer_impl: str = "auto",
     grouped_experts: bool = True,
     sync_free_dispatch: bool = True,
+    chunked_lm_loss: bool = False,
     **overrides,
 ) -> Qwen35GPTModel:
     """The Qwen3.5 text decoder as a megatron-core GPTModel (local spec, pure-PyTorch pieces).
@@ -339,7 +358,9 @@ def build_qwen35_language_model(
     routed experts run as two ``torch._grouped_mm`` calls instead of a loop over experts (the same
     parameters and checkpoints; ``megatron.mcore_ext.experts``); with the allgather dispatcher
     they get their tokens from a fixed-shape device-side sort, with no host reads
-    (``sync_free_dispatch``, ``megatron.mcore_ext.sorted_dispatch``).
+    (``sync_free_dispatch``, ``megatron.mcore_ext.sorted_dispatch``). ``chunked_lm_loss``: the
+    training loss from the LM head in token chunks, no [tokens, vocab] logits
+    (``megatron.mcore_ext.lm_loss``; off by default: it trades memory for an extra LM-head GEMM).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -368,6 +389,7 @@ def build_qwen35_language_model(
         config,
         spec,
         mrope_section=text_cfg.mrope_section,
+        chunked_lm_loss=chunked_lm_loss,
         pre_process=pre_process,
         post_process=post_process,
         parallel_output=parallel_output,
