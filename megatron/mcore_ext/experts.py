@@ -118,7 +118,7 @@ def _add_to_main_grads(weights: list, grad: torch.Tensor) -> torch.Tensor:
 
 
 def use_grouped_experts(spec, sync_free_dispatch: bool = True):
-    """Return a copy of a megatron-core spec tree with ``SequentialMLP`` replaced by ours, and
+    """Return a copy of a megatron-core spec tree with ``SequentialMLP`` replaced by ours
     and (``sync_free_dispatch``) ``MoELayer`` by ``GroupedMoELayer``, which gives those experts
     the sync-free allgather dispatcher (``sorted_dispatch``)."""
     from megatron.mcore_ext.spec import replace_modules

@@ -4,7 +4,8 @@ megatron-core 0.19.2's ``MoEAllGatherTokenDispatcher`` sizes its permutation on 
 ``tokens_per_expert`` (``.cpu()``) and the total routed tokens (``.item()``) every MoE layer, and
 its unfused ``permute``/``masked_select`` size their outputs from the data. Each read stops the
 host until the GPU has caught up, so the host can never run ahead of the GPU (measured on an H100
-for ``proxy``: 24 of the step's 58 ``cudaStreamSynchronize`` calls, two per MoE layer).
+for ``proxy``, 12 MoE layers: ``cudaStreamSynchronize`` calls per training step 58 with megatron's
+dispatcher, 22.5 with this one, none of them left in a MoE layer).
 
 ``SortedAllGatherTokenDispatcher`` keeps megatron's gather / reduce-scatter and replaces the
 permutation by a fixed-shape one computed on the device:

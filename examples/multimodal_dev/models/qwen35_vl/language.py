@@ -271,11 +271,12 @@ class Qwen35GPTModel(GPTModel):
         self._local_thd_angles = takes_local_thd_angles(self)
         self.chunked_lm_loss = bool(chunked_lm_loss)
 
-    def forward(self, *args, labels=None, output_processor=None, **kwargs):
-        if (labels is not None and output_processor is None and self.chunked_lm_loss
+    def forward(self, *args, **kwargs):
+        labels = kwargs.get("labels", args[4] if len(args) > 4 else None)  # GPTModel.forward's 5th
+        if (labels is not None and kwargs.get("output_processor") is None and self.chunked_lm_loss
                 and not self.config.use_mup):  # MuP scales the logits: megatron's path
-            output_processor = self._chunked_loss
-        return super().forward(*args, labels=labels, output_processor=output_processor, **kwargs)
+            kwargs["output_processor"] = self._chunked_loss
+        return super().forward(*args, **kwargs)
 
     def _chunked_loss(self, *, hidden_states, output_layer, output_weight, labels, **unused):
         from megatron.mcore_ext.lm_loss import chunked_lm_loss
