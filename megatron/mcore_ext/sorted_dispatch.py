@@ -73,8 +73,8 @@ class SortedAllGatherTokenDispatcher(MoEAllGatherTokenDispatcher):
         with torch.no_grad():
             used, slot_expert = torch.topk(local_map.to(torch.int8), k, dim=1)  # [T, k]
             key = torch.where(used.bool(), slot_expert, L).reshape(-1)  # [T*k], L = unused
-            order = torch.sort(key, stable=True).indices  # expert-major, token-minor, unused last
-            valid = (key[order] < L).unsqueeze(-1)  # [R, 1]
+            sorted_key, order = torch.sort(key, stable=True)  # expert-major, token-minor, unused last
+            valid = (sorted_key < L).unsqueeze(-1)  # [R, 1]
             token = order // k
             inverse = torch.empty_like(order)
             inverse[order] = torch.arange(order.numel(), device=order.device)
