@@ -99,6 +99,9 @@ class PaddingAwareTopKRouter(TopKRouter):
     #: padded tokens stay dispatched (their outputs never reach a loss, and every routing statistic
     #: above excludes them either way).
     mask_padding_dispatch: bool = True
+    #: the common configuration (softmax, top-k, micro-batch aux loss) in one fused pass with the
+    #: same results (``_fast_routing``); False forces megatron's generic routing path
+    fast_routing: bool = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -127,10 +130,24 @@ class PaddingAwareTopKRouter(TopKRouter):
                 self._clean_logits = self.gating(input).detach()
         else:
             self._clean_logits = None
-        probs, routing_map = super().forward(input, padding_mask=padding_mask)
-        self._clean_logits = None
-        if (padding_mask is not None and self.mask_padding_dispatch
-                and self.config.moe_token_dispatcher_type == "allgather"):
+        try:
+            # TopKRouter.forward: expert-bias upkeep, input jitter, gating, then self.routing
+            return super().forward(input, padding_mask=padding_mask)
+        finally:
+            self._clean_logits = None
+
+    def _masks_dispatch(self, padding_mask: Optional[torch.Tensor]) -> bool:
+        return (padding_mask is not None and self.mask_padding_dispatch
+                and self.config.moe_token_dispatcher_type == "allgather")
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        if self._fast_routing_applies():
+            return self._fast_routing(logits, padding_mask)
+        if self._diagnostics_on():
+            clean = self._clean_logits if self._clean_logits is not None else logits
+            self._record(clean.reshape(-1, self.config.num_moe_experts), padding_mask)
+        probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        if self._masks_dispatch(padding_mask):
             # Padded tokens go to no expert: no expert FLOPs, no dispatch traffic. (The aux losses
             # are attached upstream of probs, so this changes nothing for them.)
             valid = ~padding_mask.reshape(-1, 1)
@@ -138,11 +155,84 @@ class PaddingAwareTopKRouter(TopKRouter):
             probs = probs * valid
         return probs, routing_map
 
-    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        if self._diagnostics_on():
-            clean = self._clean_logits if self._clean_logits is not None else logits
-            self._record(clean.reshape(-1, self.config.num_moe_experts), padding_mask)
-        return super().routing(logits, padding_mask=padding_mask)
+    # ------------------------------------------------------------------ fused common case
+    def _fast_routing_applies(self) -> bool:
+        """The common configuration (Qwen3.5's): softmax scores, plain top-k, at most the
+        micro-batch aux loss (+ z-loss). Everything else takes the generic path."""
+        c = self.config
+        return (
+            self.fast_routing
+            and self.score_function == "softmax"
+            and self.expert_bias is None
+            and self.routing_type not in ("sinkhorn", "quantile_balancing")
+            and self.get_aux_loss_coeff("seq_aux_loss") == 0
+            and self.get_aux_loss_coeff("global_aux_loss") == 0
+            and not c.moe_router_num_groups
+            and not c.moe_router_group_topk
+            and c.moe_expert_capacity_factor is None
+            and not c.moe_router_fusion
+            and self.router_replay is None
+            and not torch.are_deterministic_algorithms_enabled()
+        )
+
+    def _fast_routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
+        """The generic path's results with about half its kernel launches (the router was ~70
+        launches per layer, a third of a MoE layer's forward, in a host-bound step): one softmax
+        serves the aux loss and the diagnostics, one top-k the dispatch map, the aux-loss map and
+        the counts, and the Switch loss of one group reduces to ``E / k * <c, p> / T^2``.
+
+        Same values as the generic path (``fast_routing = False``) up to fp32 summation order,
+        except that the aux loss counts the dispatched top-k (top-k of the logits) where megatron
+        takes the top-k of the softmax scores again: the same experts unless two scores tie in fp32
+        at the k-th place."""
+        E, k = self.config.num_moe_experts, self.topk
+        logits = logits.view(-1, E)
+        pad = None if padding_mask is None else padding_mask.reshape(-1)
+        valid = None if pad is None else ~pad
+        logits = self.apply_z_loss(logits, padding_mask=pad)
+
+        coeff = self.get_aux_loss_coeff("aux_loss")
+        aux_on = self.training and torch.is_grad_enabled() and coeff > 0
+        diag_on = self._diagnostics_on()
+        pre_softmax = self.config.moe_router_pre_softmax
+        scores = (torch.softmax(logits, dim=-1, dtype=torch.float32)
+                  if (aux_on or pre_softmax or (diag_on and self._clean_logits is None)) else None)
+        if pre_softmax:
+            probs_k, top = torch.topk(scores, k, dim=1, sorted=torch.is_grad_enabled())
+        else:
+            top_logits, top = torch.topk(logits, k, dim=1, sorted=torch.is_grad_enabled())
+            probs_k = torch.softmax(top_logits, dim=-1, dtype=torch.float32)
+        if self.config.moe_router_topk_scaling_factor:
+            probs_k = probs_k * self.config.moe_router_topk_scaling_factor
+        routing_map = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter_(1, top, True)
+        valid_map = routing_map if valid is None else routing_map & valid[:, None]
+        masked = self._masks_dispatch(padding_mask)
+        if masked:
+            probs_k = probs_k * valid[:, None]
+        probs = torch.zeros_like(logits).scatter(1, top, probs_k.to(logits.dtype))
+
+        counts = valid_map.sum(0, dtype=torch.float32) if (aux_on or diag_on) else None  # [E], valid tokens
+        valid_f = None if valid is None or not (aux_on or diag_on) else valid.float()
+        if aux_on:
+            p_local = scores.sum(0) if valid_f is None else torch.mv(scores.t(), valid_f)
+            c = _all_reduce(counts, self.tp_cp_group)
+            n_group = c.sum() / k  # valid tokens of the TP x CP group (each is routed to k experts)
+            # _lbl_partial with one group: E * sum_i c_i / (k T) * p_i / T (0 when T == 0: c == 0)
+            partial = torch.dot(c, p_local) * (E / k) / n_group.clamp_min(1.0).square()
+            probs = self._attach(probs, coeff, partial, "load_balancing_loss", self.tp_cp_group, True, n_group)
+        if diag_on:
+            with torch.no_grad():
+                clean = scores if self._clean_logits is None else torch.softmax(
+                    self._clean_logits.reshape(-1, E), dim=-1, dtype=torch.float32)
+                ent = torch.special.entr(clean).sum(-1)
+                if valid_f is None:
+                    self.diag_entropy_sum += ent.sum()
+                    self.diag_valid_tokens += ent.shape[0]
+                else:
+                    self.diag_entropy_sum += torch.dot(ent, valid_f)
+                    self.diag_valid_tokens += valid.sum()
+                self.diag_tokens_per_expert += counts
+        return probs, (valid_map if masked else routing_map)
 
     def _diagnostics_on(self) -> bool:
         # Like the expert-bias counts: not in the no-grad first pass of activation recomputation
@@ -255,7 +345,8 @@ class PaddingAwareTopKRouter(TopKRouter):
         return 1.0
 
     def _attach(self, probs, coeff, partial, name, reduce_group, needs_dp_avg, group_valid, grad_scale=1.0):
-        partial = partial * self._mtp_scale()
+        if self._mtp_scale() != 1.0:
+            partial = partial * self._mtp_scale()
         self._record_metric(name, partial, reduce_group=reduce_group, needs_dp_avg=needs_dp_avg)
         if self.calculate_per_token_loss:
             # Grads are summed over DP and finalize_model_grads divides them by the global token
