@@ -6,6 +6,7 @@ path switched off, so megatron's ``_apply_rotary_pos_emb_thd`` (a host read of `
 loop over the packed samples) does the rotation. Losses and every gradient agree, and a spy on
 megatron's function shows which path ran (so the comparison cannot pass by running one path twice).
 """
+import pytest
 import torch
 
 from megatron.mcore_ext.testing import run_distributed
@@ -74,3 +75,35 @@ def test_other_specs_keep_megatron_layout():
     plain = SelfAttention.__new__(SelfAttention)
     torch.nn.Module.__init__(plain)
     assert not takes_local_thd_angles(torch.nn.Sequential(plain))
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("rot,mscale", [(16, 1.0), (64, 1.0), (16, 0.7)], ids=["partial", "full", "mscale"])
+def test_fused_rotation_is_bit_equal_to_megatron(dtype, interleaved, rot, mscale):
+    """``apply_packed_rope`` (tables + ``_Rope``) against megatron's ``_apply_rotary_pos_emb_bshd``:
+    the same products and sums in the same dtype, so values and input gradients are bit-equal."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from megatron.mcore_ext import packed_rope
+
+    g = torch.Generator().manual_seed(3)
+    T, H, D = 37, 3, 64
+    freqs = torch.rand(T, 1, 1, rot, generator=g) * 50  # angles per token, fp32 as the model makes them
+    t = torch.randn(T, H, D, generator=g).to(dtype)
+    up = torch.randn(T, H, D, generator=g).to(dtype)
+    ta, tb = t.clone().requires_grad_(), t.clone().requires_grad_()
+    ours = packed_rope.apply_packed_rope(ta, freqs, interleaved, mscale)
+    ref = _apply_rotary_pos_emb_bshd(tb.unsqueeze(1), freqs, rotary_interleaved=interleaved, mscale=mscale).squeeze(1)
+    assert torch.equal(ours, ref)
+    (ours * up).sum().backward()
+    (ref * up).sum().backward()
+    assert torch.equal(ta.grad, tb.grad)
+    # the second call with the same angles (the next layer, or the key) reuses the tables
+    tables = packed_rope._TABLES["entry"][2]
+    packed_rope.apply_packed_rope(t, freqs, interleaved, mscale)
+    assert packed_rope._TABLES["entry"][2] is tables
+    freqs.mul_(1.0)  # an in-place change (version bump): rebuilt, not reused stale
+    packed_rope.apply_packed_rope(t, freqs, interleaved, mscale)
+    assert packed_rope._TABLES["entry"][2] is not tables
