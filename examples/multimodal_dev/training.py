@@ -179,6 +179,14 @@ def build_model_and_optimizer(args):
         check_for_nan_in_grad=True,
     )
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    if not ddp_config.overlap_grad_reduce:
+        # nothing waits on DDP's per-parameter hooks: the grouped experts' stacked gradient goes
+        # into main_grad and the per-expert AccumulateGrad nodes and hooks are skipped (experts.py)
+        from megatron.mcore_ext.experts import GroupedGemmSequentialMLP
+
+        for m in model.modules():
+            if isinstance(m, GroupedGemmSequentialMLP):
+                m.skip_param_grad_hooks = True
     opt_config = OptimizerConfig(
         optimizer="adam",
         lr=args.lr,

@@ -28,6 +28,13 @@ marks the parameters ``grad_added_to_main_grad``, which DDP's hook honours (mega
 iteration). Every micro-batch of a model takes the same path (the conditions above are fixed
 per model); a micro-batch with no local tokens runs ``SequentialMLP.forward``, whose weight
 gradients are then exactly zero, so skipping their ``add_`` loses nothing.
+
+With ``skip_param_grad_hooks`` (set by our trainer when DDP does not overlap the gradient
+reduction, i.e. nothing waits for a parameter's hook to mark it ready) the stack's backward also
+returns no per-expert gradient at all: autograd then skips the 2 x 32 per-expert ``AccumulateGrad``
+nodes and DDP hooks of every MoE layer, Python work of ~10 ms per step for ``proxy``
+(docs/performance.md). With overlap on, DDP's hooks must run (they start the bucket's reduction),
+so the flag stays off and the gradients flow as above.
 """
 from __future__ import annotations
 
@@ -52,6 +59,9 @@ class GroupedGemmSequentialMLP(SequentialMLP):
     #: last expert's (``sorted_dispatch.SortedAllGatherTokenDispatcher``): the grouped path leaves
     #: them alone, the fallback slices them off
     takes_padded_dispatch: bool = True
+    #: the stacked weights' backward adds into ``main_grad`` and gives the expert parameters no
+    #: ``.grad`` (so no per-parameter hook runs); only when nothing needs those hooks, see above
+    skip_param_grad_hooks: bool = False
 
     def _grouped_ok(self, x: torch.Tensor) -> bool:
         cfg = self.config
@@ -85,8 +95,9 @@ class GroupedGemmSequentialMLP(SequentialMLP):
         counts = torch.as_tensor(tokens_per_expert, device=x.device)
         offs = torch.cumsum(counts, 0).to(torch.int32)
         # [E, in, out] views of the experts' [out, in] weights
-        w1 = _stacked([e.linear_fc1.weight for e in self.local_experts]).transpose(1, 2)
-        w2 = _stacked([e.linear_fc2.weight for e in self.local_experts]).transpose(1, 2)
+        skip = self.skip_param_grad_hooks
+        w1 = _stacked([e.linear_fc1.weight for e in self.local_experts], skip).transpose(1, 2)
+        w2 = _stacked([e.linear_fc2.weight for e in self.local_experts], skip).transpose(1, 2)
         h = torch._grouped_mm(x, w1.to(x.dtype), offs=offs)
         if self.config.gated_linear_unit:
             gate, up = torch.chunk(h, 2, dim=-1)
@@ -99,12 +110,20 @@ class GroupedGemmSequentialMLP(SequentialMLP):
         return out, None
 
 
-def _stacked(weights: list) -> torch.Tensor:
+def _takes_main_grad(weights: list) -> bool:
+    return all(hasattr(p, "main_grad") and hasattr(p, "grad_added_to_main_grad")
+               and not getattr(p, "zero_out_wgrad", False) for p in weights)
+
+
+def _stacked(weights: list, skip_param_grad_hooks: bool = False) -> torch.Tensor:
     """``torch.stack(weights)``; when every weight has a DDP ``main_grad`` (and autograd will reach
-    them), the stacked gradient goes straight into those buffers (see the module docstring)."""
+    them), the stacked gradient goes straight into those buffers (see the module docstring), and
+    with ``skip_param_grad_hooks`` the weights get no ``.grad`` at all."""
+    if skip_param_grad_hooks and torch.is_grad_enabled() and any(p.requires_grad for p in weights) \
+            and _takes_main_grad(weights):
+        return _StackIntoMainGrad.apply(_ANCHOR, weights)
     w = torch.stack(weights)
-    if w.requires_grad and all(hasattr(p, "main_grad") and hasattr(p, "grad_added_to_main_grad")
-                               and not getattr(p, "zero_out_wgrad", False) for p in weights):
+    if w.requires_grad and _takes_main_grad(weights):
         w.register_hook(functools.partial(_add_to_main_grads, weights))
     return w
 
@@ -115,6 +134,27 @@ def _add_to_main_grads(weights: list, grad: torch.Tensor) -> torch.Tensor:
     for p in weights:
         p.grad_added_to_main_grad = True  # DDP's hook: already in main_grad, do not add .grad
     return grad
+
+
+#: the one autograd input of ``_StackIntoMainGrad``: the weights are handed over as a plain list,
+#: so autograd has no edge to them (had it one, it would run each weight's AccumulateGrad node and
+#: DDP's hook on it even for a None gradient); the anchor's own node gets None, a no-op
+_ANCHOR = torch.zeros((), requires_grad=True)
+
+
+class _StackIntoMainGrad(torch.autograd.Function):
+    """``torch.stack`` whose backward adds the gradient into the weights' ``main_grad``, with no
+    autograd edge to the weights (no ``AccumulateGrad``, no per-parameter hook)."""
+
+    @staticmethod
+    def forward(ctx, anchor, weights):
+        ctx.weights = weights
+        return torch.stack(weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _add_to_main_grads(ctx.weights, grad)
+        return None, None
 
 
 def use_grouped_experts(spec, sync_free_dispatch: bool = True):

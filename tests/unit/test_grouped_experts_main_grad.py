@@ -4,7 +4,9 @@ experts' ``main_grad`` buffers itself (one foreach call) and DDP's per-parameter
 two accumulated micro-batches (the second one adds to the first's sums).
 
 Runs the real trainer pieces (``training.initialize`` + ``build_model_and_optimizer``, tiny, fp32,
-CPU) in a subprocess: once as shipped, once with the stacking hook switched off.
+CPU) in a subprocess: as shipped (the trainer turns on ``skip_param_grad_hooks``: the experts get
+no ``.grad`` and no per-parameter hook runs for them), with the stack hook but per-expert ``.grad``s
+("hooked"), and with plain ``torch.stack`` (DDP adds every ``.grad``).
 """
 from __future__ import annotations
 
@@ -22,9 +24,11 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = r"""
 import json, sys, torch
 from megatron.mcore_ext import experts as ex
-fused = sys.argv[1] == "fused"
-if not fused:
-    ex._stacked = lambda weights: torch.stack(weights)   # autograd + DDP's per-parameter add_
+mode = sys.argv[1]
+if mode == "plain":
+    ex._stacked = lambda weights, skip=False: torch.stack(weights)   # autograd + DDP's per-parameter add_
+elif mode == "hooked":  # the stack hook adds into main_grad, the per-expert .grad still flow
+    ex.GroupedGemmSequentialMLP.skip_param_grad_hooks = property(lambda self: False, lambda self, v: None)
 from multimodal_dev import training
 from multimodal_dev.arguments import parse_args
 from multimodal_dev.forward_step import forward_step
@@ -38,11 +42,14 @@ args = parse_args(["--variant", "tiny", "--micro-batch-size", "1", "--global-bat
 training.initialize(args)
 ddp, model, optimizer, scheduler = training.build_model_and_optimizer(args)
 batch = pack_or_pad_batch(_samples(), CollateConfig(layout="thd", divisible_by=4, image_token_id=IMG))
+hook_calls = {}
+for n, p in ddp.module.named_parameters():
+    p.register_post_accumulate_grad_hook(lambda p, n=n: hook_calls.__setitem__(n, hook_calls.get(n, 0) + 1))
 ddp.zero_grad_buffer()
 fb = get_forward_backward_func()
 fb(forward_step_func=forward_step, data_iterator=iter([batch, batch]), model=[ddp], num_microbatches=2,
    seq_length=64, micro_batch_size=1, decoder_seq_length=None, forward_only=False)
-out = {"flags": {}, "main_grad": {}}
+out = {"flags": {}, "main_grad": {}, "hook_calls": hook_calls}
 for n, p in ddp.module.named_parameters():
     out["main_grad"][n] = p.main_grad.double().flatten().tolist()
     out["flags"][n] = bool(getattr(p, "grad_added_to_main_grad", False))
@@ -65,16 +72,24 @@ def _run(mode: str) -> dict:
 
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no torch._grouped_mm")
 def test_main_grad_fusion_equals_per_parameter_accumulation():
-    fused, plain = _run("fused"), _run("plain")
+    fused, hooked, plain = _run("fused"), _run("hooked"), _run("plain")
     expert_w = [n for n in fused["flags"] if ".local_experts." in n]
     assert expert_w, "no grouped experts in the tiny model"
-    # the fused path ran for every expert weight (and only there); without it DDP added each .grad
-    assert all(fused["flags"][n] for n in expert_w)
-    assert not any(v for n, v in fused["flags"].items() if n not in expert_w)
+    for run in (fused, hooked):
+        # the fused path ran for every expert weight (and only there); without it DDP added each .grad
+        assert all(run["flags"][n] for n in expert_w)
+        assert not any(v for n, v in run["flags"].items() if n not in expert_w)
     assert not any(plain["flags"].values())
-    assert fused["main_grad"].keys() == plain["main_grad"].keys()
-    for n, g in plain["main_grad"].items():
-        torch.testing.assert_close(torch.tensor(fused["main_grad"][n]), torch.tensor(g), rtol=1e-6, atol=1e-9,
-                                   msg=lambda m, n=n: f"main_grad {n}: {m}")
+    # per-parameter gradient hooks: every parameter, twice (two micro-batches), except the experts
+    # when their hooks are skipped
+    for run in (hooked, plain):
+        assert all(run["hook_calls"].get(n) == 2 for n in run["flags"]), run["hook_calls"]
+    assert not any(n in fused["hook_calls"] for n in expert_w)
+    assert all(fused["hook_calls"].get(n) == 2 for n in fused["flags"] if n not in expert_w)
+    for run in (fused, hooked):
+        assert run["main_grad"].keys() == plain["main_grad"].keys()
+        for n, g in plain["main_grad"].items():
+            torch.testing.assert_close(torch.tensor(run["main_grad"][n]), torch.tensor(g), rtol=1e-6, atol=1e-9,
+                                       msg=lambda m, n=n: f"main_grad {n}: {m}")
     # and the experts did receive gradient (the comparison is not of zeros)
     assert any(max(abs(v) for v in fused["main_grad"][n]) > 0 for n in expert_w)
