@@ -97,10 +97,13 @@ def test_gradient_parity(hf_and_ours):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen flash path of the vision attention needs a CUDA GPU")
-def test_varlen_path_matches_grouped_path_on_gpu(hf_and_ours, monkeypatch):
-    """bf16 on a GPU: frames of several lengths go through one varlen flash kernel; the same
-    tower with that path switched off (gather / SDPA / scatter per length) gives the same output
-    and gradients up to bf16 rounding, and both agree with HF's."""
+@pytest.mark.parametrize("grids", [[[1, 4, 6], [1, 8, 8], [2, 4, 4]], [[1, 4, 4], [2, 4, 4]]],
+                         ids=["several_lengths", "one_length"])
+def test_varlen_path_matches_grouped_path_on_gpu(hf_and_ours, monkeypatch, grids):
+    """bf16 on a GPU: the frames go through one varlen flash kernel (whether their lengths differ
+    or not); the same tower with that path switched off (gather / SDPA / scatter per length, or
+    one dense SDPA for one length) gives the same output and gradients up to bf16 rounding, and
+    both agree with HF's."""
     from megatron.mcore_ext.attention import varlen_available
 
     from multimodal_dev.models.qwen35_vl import vision as vision_mod
@@ -108,7 +111,7 @@ def test_varlen_path_matches_grouped_path_on_gpu(hf_and_ours, monkeypatch):
     if not varlen_available():
         pytest.skip("this torch has no torch.nn.attention.varlen.varlen_attn")
     hf, ours, cfg = hf_and_ours
-    pixel_values, grid = _inputs(cfg, [[1, 4, 6], [1, 8, 8], [2, 4, 4]], seed=4)
+    pixel_values, grid = _inputs(cfg, grids, seed=4)
     x = pixel_values.cuda().bfloat16()
     tower = Qwen35VisionTower(cfg).cuda().bfloat16()
     tower.load_state_dict(ours.state_dict())

@@ -200,8 +200,9 @@ class _Frames(list):
 
 
 def _varlen_ok(q: torch.Tensor) -> bool:
-    """Frames of several lengths on a GPU in half precision: one varlen flash kernel instead of a
-    gather / SDPA / scatter per length (host-bound for small images)."""
+    """Frames on a GPU in half precision: one varlen flash kernel instead of a gather / SDPA /
+    scatter per length (host-bound for small images), or of a dense SDPA when all frames have
+    one length (cuDNN's per-shape plans, see ``_VisionAttention.forward``)."""
     from megatron.mcore_ext.attention import varlen_available
 
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and varlen_available()
@@ -258,18 +259,21 @@ class _VisionAttention(nn.Module):
         q = (qf * cos + _rotate_half(qf) * sin).to(dtype)
         k = (kf * cos + _rotate_half(kf) * sin).to(dtype)
 
-        if len(groups) == 1 and groups[0][1] is None:
-            length = groups[0][0]
-            qs, ks, vs = (t.view(n // length, length, self.num_heads, self.head_dim).transpose(1, 2)
-                          for t in (q, k, v))
-            out = F.scaled_dot_product_attention(qs, ks, vs, scale=self.head_dim ** -0.5)
-            out = out.transpose(1, 2).reshape(n, -1)
-        elif _varlen_ok(q):
+        if _varlen_ok(q):
+            # also when every frame has the same length: the dense SDPA below would pick cuDNN on
+            # Hopper, which builds a plan for every new (frames, length) shape, ~1 s each on the
+            # H100 (docs/performance.md), and image sizes vary from step to step
             from megatron.mcore_ext.attention import varlen_thd_attention
 
             out = varlen_thd_attention(q, k, v, groups.cu_seqlens, groups.cu_seqlens, groups.max_len,
                                        groups.max_len, causal=False, scale=self.head_dim ** -0.5)
             out = out.reshape(n, -1)
+        elif len(groups) == 1 and groups[0][1] is None:
+            length = groups[0][0]
+            qs, ks, vs = (t.view(n // length, length, self.num_heads, self.head_dim).transpose(1, 2)
+                          for t in (q, k, v))
+            out = F.scaled_dot_product_attention(qs, ks, vs, scale=self.head_dim ** -0.5)
+            out = out.transpose(1, 2).reshape(n, -1)
         else:
             out = q.new_empty(n, self.num_heads, self.head_dim)
             for length, idx in groups:
