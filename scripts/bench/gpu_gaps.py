@@ -1,0 +1,183 @@
+"""Where the GPU waits: profile ours for a few steps and attribute GPU idle time to step phases.
+
+Usage: gpu_gaps.py VARIANT LAYOUT SEQ SAMPLES OUT_DIR [STEPS]
+"""
+import sys, os, json, functools, collections, time
+sys.path[:0] = [os.getcwd(), os.getcwd() + "/examples", os.getcwd() + "/scripts/bench"]
+import torch
+import train_throughput as tt
+from torch.profiler import profile, ProfilerActivity, record_function
+
+variant, layout, seq, nsamp, out = sys.argv[1:6]
+steps = int(sys.argv[6]) if len(sys.argv) > 6 else 3
+args = tt.build_parser().parse_args(["--variant", variant, "--seq-length", seq, "--samples-per-step", nsamp,
+                                      "--steps", str(steps + 3), "--warmup", "0"])
+from multimodal_dev.models.qwen35_vl.variants import get_variant
+from multimodal_dev import training
+from multimodal_dev.forward_step import forward_step
+from megatron.core.pipeline_parallel import get_forward_backward_func
+import megatron.core.pipeline_parallel.schedules as sch
+margs = tt.megatron_args(args, layout)
+args.seq_multiple = margs.seq_multiple
+training.initialize(margs)
+samples, provider, mix = tt.make_samples(get_variant(variant), args)
+batches, _ = tt.collate_steps(samples, provider, args, layout)
+CUDA = torch.cuda.is_available()
+batches = [tt._to_device(b, torch.device("cuda" if CUDA else "cpu")) for b in batches]
+ddp, model, optimizer, scheduler = training.build_model_and_optimizer(margs)
+fb = get_forward_backward_func()
+fwd_fn = functools.partial(forward_step, use_padding_mask=True)
+orig_bwd = torch.autograd.backward
+def bwd(*a, **k):
+    with record_function("PHASE:backward"):
+        return orig_bwd(*a, **k)
+sch.torch.autograd.backward = bwd
+# module-level markers for the forward: vision, each decoder layer's attention / mlp, lm head
+for n, m in model.named_modules():
+    short = n.replace("language_model.decoder.layers.", "L").replace("vision_encoder", "vision")
+    if n in ("vision_encoder", "language_model.output_layer", "language_model.embedding") or \
+            (n.startswith("language_model.decoder.layers.") and n.count(".") == 4):
+        def pre(mod, a, short=short):
+            mod._rf = record_function("MOD:" + short); mod._rf.__enter__()
+        def post(mod, a, o):
+            mod._rf.__exit__(None, None, None)
+        m.register_forward_pre_hook(pre); m.register_forward_hook(post)
+def step(batch):
+    with record_function("PHASE:zero"):
+        ddp.zero_grad_buffer(); optimizer.zero_grad()
+    with record_function("PHASE:fwd_bwd"):
+        fb(forward_step_func=fwd_fn, data_iterator=iter([batch]), model=[ddp], num_microbatches=1,
+           seq_length=margs.seq_length, micro_batch_size=1 if layout == "thd" else margs.micro_batch_size,
+           decoder_seq_length=None, forward_only=False)
+    with record_function("PHASE:optimizer"):
+        optimizer.step(); scheduler.step(increment=1)
+    with record_function("PHASE:after"):
+        training._moe_losses(margs, model.config, 1)
+for b in batches[:3]:
+    step(b)
+tt._sync()
+import gc
+gc_log = []
+def _gc_cb(phase, info, t={}):
+    if phase == "start": t["s"] = time.perf_counter()
+    else: gc_log.append((info.get("generation"), time.perf_counter() - t.get("s", time.perf_counter())))
+gc.callbacks.append(_gc_cb)
+ms0 = torch.cuda.memory_stats() if CUDA else {}
+with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])) as prof:
+    for b in batches[3:3 + steps]:
+        with record_function("STEP"):
+            step(b)
+    tt._sync()
+gc.callbacks.remove(_gc_cb)
+ms1 = torch.cuda.memory_stats() if CUDA else {}
+print("GC during the profiled steps:", len(gc_log), "collections,", f"{1e3*sum(d for _, d in gc_log):.1f} ms total;",
+      "by generation:", {g: round(1e3 * sum(d for gg, d in gc_log if gg == g), 1) for g in {g for g, _ in gc_log}})
+for key in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams", "segment.all.allocated",
+            "segment.all.freed", "num_ooms"):
+    print(f"  memory_stats {key}: {ms1.get(key, 0) - ms0.get(key, 0)} during ({ms1.get(key)})")
+os.makedirs(out, exist_ok=True)
+path = os.path.join(out, f"trace_{layout}.json")
+prof.export_chrome_trace(path)
+ev = json.load(open(path))["traceEvents"]
+gpu = sorted([e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e], key=lambda e: e["ts"])
+cpu = [e for e in ev if e.get("cat") == "user_annotation" and "dur" in e]
+launch = {e["args"].get("correlation"): e for e in ev if e.get("cat") == "cuda_runtime" and "args" in e}
+steps_ev = sorted([e for e in cpu if e["name"] == "STEP"], key=lambda e: e["ts"])
+t0, t1 = steps_ev[0]["ts"], steps_ev[-1]["ts"] + steps_ev[-1]["dur"]
+busy = 0.0; last_end = t0
+gaps = []
+for k in gpu:
+    if k["ts"] + k["dur"] < t0 or k["ts"] > t1: continue
+    s = max(k["ts"], last_end)
+    if k["ts"] > last_end:
+        gaps.append((last_end, k["ts"], k))
+    busy += max(0.0, k["ts"] + k["dur"] - s)
+    last_end = max(last_end, k["ts"] + k["dur"])
+if t1 > last_end: gaps.append((last_end, t1, None))
+wall = t1 - t0
+print(f"{steps} steps: wall {wall/1e3:.1f} ms, GPU busy {busy/1e3:.1f} ms ({100*busy/wall:.0f}%), idle {(wall-busy)/1e3:.1f} ms")
+def enclosing(ts, prefix):
+    best = None
+    for e in cpu:
+        if e["name"].startswith(prefix) and e["ts"] <= ts <= e["ts"] + e["dur"]:
+            if best is None or e["dur"] < best["dur"]: best = e
+    return best["name"] if best else "-"
+by_phase = collections.Counter(); by_mod = collections.Counter(); cnt = collections.Counter()
+big = []
+for a, b, k in gaps:
+    g = b - a
+    # the host op that launched the kernel ending the gap tells where the host was
+    L = launch.get(k["args"].get("correlation")) if k is not None else None
+    ts = L["ts"] if L else a
+    ph = enclosing(ts, "PHASE:"); md = enclosing(ts, "MOD:")
+    by_phase[ph] += g; cnt[ph] += 1
+    if ph == "PHASE:fwd_bwd": by_mod[md] += g
+    big.append((g, ph, md, k["name"][:60] if k else "<end>"))
+print("GPU idle by host phase (ms, gaps):")
+for ph, g in by_phase.most_common(): print(f"  {g/1e3:8.1f} ms {cnt[ph]:6d}  {ph}")
+print("GPU idle in forward/backward by the module the host was in (ms):")
+for m, g in by_mod.most_common(25): print(f"  {g/1e3:8.1f}  {m}")
+print("largest gaps:")
+for g, ph, md, kn in sorted(big, reverse=True)[:25]: print(f"  {g/1e3:7.2f} ms  {ph:18s} {md:28s} next kernel {kn}")
+hist = collections.Counter()
+for a, b, k in gaps:
+    g = b - a
+    hist["<5us" if g < 5 else "<20us" if g < 20 else "<100us" if g < 100 else "<1ms" if g < 1000 else ">=1ms"] += g
+print("idle by gap size (ms):", {k: round(v / 1e3, 1) for k, v in hist.items()})
+
+# what the host did during the long gaps (>= 0.5 ms): runtime calls and top-level host ops overlapping them
+rt = [e for e in ev if e.get("cat") == "cuda_runtime" and "dur" in e]
+ops = [e for e in ev if e.get("cat") == "cpu_op" and "dur" in e]
+rt_sum = collections.Counter(); op_sum = collections.Counter(); long_total = 0.0; covered = 0.0
+for a, b, k in gaps:
+    if b - a < 500 or b - a > 50_000: continue
+    long_total += b - a
+    for e in rt:
+        o = min(b, e["ts"] + e["dur"]) - max(a, e["ts"])
+        if o > 0: rt_sum[e["name"]] += o
+    for e in ops:
+        o = min(b, e["ts"] + e["dur"]) - max(a, e["ts"])
+        if o > 0.5 * (b - a) or (o > 200 and e["dur"] < 2 * (b - a)): op_sum[e["name"]] += o
+print(f"long gaps (0.5-50 ms): {long_total/1e3:.1f} ms; runtime calls overlapping them (ms):",
+      {k: round(v / 1e3, 1) for k, v in rt_sum.most_common(10)})
+print("host ops overlapping them (ms):", {k: round(v / 1e3, 1) for k, v in op_sum.most_common(20)})
+for a, b, k in sorted(gaps, key=lambda g: g[0] - g[1])[:6]:
+    print(f"gap {(b-a)/1e3:.1f} ms: runtime", [(e["name"], round(e["dur"] / 1e3, 2)) for e in rt if e["ts"] < b and e["ts"] + e["dur"] > a and e["dur"] > 100][:8],
+          "ops", sorted([(round(e["dur"] / 1e3, 2), e["name"]) for e in ops if e["ts"] < b and e["ts"] + e["dur"] > a and e["dur"] > 300], reverse=True)[:8])
+
+# attribution of every gap to the host work that ended it: the innermost host op (forward) or
+# autograd node (backward) that launched the next kernel, and what the host ran during the gap
+evals = [e for e in ops if e["name"].startswith("autograd::engine::evaluate_function:")]
+by_node = collections.Counter(); by_launcher = collections.Counter()
+import bisect
+def _index(pool):
+    idx = collections.defaultdict(list)
+    for e in pool:
+        idx[e.get("tid")].append(e)
+    return {t: (sorted(v, key=lambda e: e["ts"]), [e["ts"] for e in sorted(v, key=lambda e: e["ts"])]) for t, v in idx.items()}
+def innermost(ts, tid, index):
+    evs, starts = index.get(tid, ([], []))
+    i = bisect.bisect_right(starts, ts) - 1
+    for j in range(i, max(-1, i - 400), -1):  # host ops nest: the latest-starting enclosing op is innermost
+        if evs[j]["ts"] + evs[j]["dur"] >= ts:
+            return evs[j]
+    return None
+ops_index, evals_index = _index(ops), _index(evals)
+for a, b, k in gaps:
+    if k is None or b - a > 50_000: continue
+    L = launch.get(k["args"].get("correlation"))
+    if L is None: continue
+    node = innermost(L["ts"], L.get("tid"), evals_index)
+    if node is not None:
+        by_node[node["name"].split(": ", 1)[-1]] += b - a
+    else:
+        op = innermost(L["ts"], L.get("tid"), ops_index)
+        by_launcher[op["name"] if op else "-"] += b - a
+print("GPU idle (< 50 ms gaps) by the autograd node whose kernel ended it (ms):",
+      {k: round(v / 1e3, 1) for k, v in by_node.most_common(20)})
+print("GPU idle (< 50 ms gaps) by the forward/other host op whose kernel ended it (ms):",
+      {k: round(v / 1e3, 1) for k, v in by_launcher.most_common(25)})
+for a, b, k in sorted([g for g in gaps if 1000 <= g[1] - g[0] <= 50_000], key=lambda g: g[0] - g[1])[:10]:
+    started = sorted([e for e in ops if a <= e["ts"] <= b], key=lambda e: -e["dur"])[:6]
+    print(f"gap {(b-a)/1e3:.2f} ms before {k['name'][:40] if k else '-'}: host ops started in it",
+          [(e["name"][:50], round(e["dur"] / 1e3, 2)) for e in started])
