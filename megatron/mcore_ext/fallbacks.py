@@ -11,12 +11,17 @@ kernels always win) with ``torch._foreach_norm`` / ``torch._foreach_mul`` versio
 arithmetic, a handful of kernels, no host sync. It also replaces the main->model parameter copy
 after each bf16 optimizer step, which megatron-core does one tensor at a time even with apex/TE
 (``foreach_copy_this_to_that``). Applied by the trainer at start-up; idempotent.
+
+Also: the gradient clipping calls ``to_local_if_dtensor`` on every gradient twice per step, and
+that opens a ``torch.no_grad()`` context even for a plain tensor (~6.5 us each: ~13 ms of host
+time per ``proxy`` step, 1,044 gradients). ``clip_grads`` gets ``fast_to_local_if_dtensor``, the
+same function with the context only where there is a DTensor to convert.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["apply", "foreach_l2_norm", "foreach_scale", "foreach_copy_this_to_that"]
+__all__ = ["apply", "foreach_l2_norm", "foreach_scale", "foreach_copy_this_to_that", "fast_to_local_if_dtensor"]
 
 _applied = False
 
@@ -57,6 +62,15 @@ def foreach_copy_this_to_that(this, that, overflow_buf=None):
         torch._foreach_copy_(that, this)
 
 
+def fast_to_local_if_dtensor(tensor):
+    """``megatron.core.utils.to_local_if_dtensor`` without a ``no_grad`` context for plain tensors."""
+    if type(tensor) is torch.Tensor or type(tensor) is torch.nn.Parameter:
+        return tensor
+    from megatron.core.utils import to_local_if_dtensor
+
+    return to_local_if_dtensor(tensor)
+
+
 def apply() -> bool:
     """Swap in the foreach versions where megatron-core would loop per tensor. Returns True when
     it replaced anything."""
@@ -76,6 +90,9 @@ def apply() -> bool:
         changed = True
     if getattr(moptimizer, "multi_tensor_scale_impl", None) is local_multi_tensor_scale:
         moptimizer.multi_tensor_scale_impl = foreach_scale
+        changed = True
+    if clip_grads.to_local_if_dtensor is not fast_to_local_if_dtensor:
+        clip_grads.to_local_if_dtensor = fast_to_local_if_dtensor
         changed = True
     # bf16 main->model parameter copy: megatron loops per tensor whatever is installed
     if getattr(moptimizer, "_multi_tensor_copy_this_to_that", foreach_copy_this_to_that) is not foreach_copy_this_to_that:

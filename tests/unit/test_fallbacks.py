@@ -66,3 +66,34 @@ def test_copy_this_to_that_casts_like_megatron_loop():
         assert "3 sources for 2 destinations" in str(e)
     else:
         raise AssertionError("a length mismatch must raise")
+
+
+def _dtensor_to_local():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from megatron.core.utils import to_local_if_dtensor
+    from megatron.mcore_ext.fallbacks import fast_to_local_if_dtensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    full = torch.arange(6.0).reshape(2, 3).requires_grad_()
+    d = distribute_tensor(full, mesh, [Shard(0)])
+    ours, ref = fast_to_local_if_dtensor(d), to_local_if_dtensor(d)
+    return type(ours).__name__, ours.detach(), ref.detach(), ours.requires_grad == ref.requires_grad
+
+
+def test_fast_to_local_if_dtensor_is_megatrons_function():
+    """The clip_grads stand-in returns plain tensors themselves and converts DTensors exactly as
+    megatron's ``to_local_if_dtensor`` does (which ``apply()`` swaps into ``clip_grads``)."""
+    from megatron.core.optimizer import clip_grads
+
+    from megatron.mcore_ext import fallbacks
+    from megatron.mcore_ext.testing import run_distributed
+
+    t, p = torch.zeros(3), torch.nn.Parameter(torch.ones(2))
+    assert fallbacks.fast_to_local_if_dtensor(t) is t and fallbacks.fast_to_local_if_dtensor(p) is p
+    name, ours, ref, same_grad_flag = run_distributed(_dtensor_to_local, 1)[0]
+    assert name == "Tensor" and same_grad_flag
+    assert torch.equal(ours, ref) and torch.equal(ours, torch.arange(6.0).reshape(2, 3))
+    fallbacks.apply()
+    assert clip_grads.to_local_if_dtensor is fallbacks.fast_to_local_if_dtensor
