@@ -1,5 +1,8 @@
 """Where the GPU waits: profile ours for a few steps and attribute GPU idle time to step phases.
 
+The profiled steps have run once before (steady state: no first-use cost of kernels, cuBLAS
+heuristics or cuDNN plans for their shapes).
+
 Usage: gpu_gaps.py VARIANT LAYOUT SEQ SAMPLES OUT_DIR [STEPS]
 """
 import sys, os, json, functools, collections, time
@@ -53,7 +56,7 @@ def step(batch):
         optimizer.step(); scheduler.step(increment=1)
     with record_function("PHASE:after"):
         training._moe_losses(margs, model.config, 1)
-for b in batches[:3]:
+for b in batches[:3] + batches[3:3 + steps]:  # warm up on the profiled batches too: steady state, every shape seen
     step(b)
 tt._sync()
 import gc
