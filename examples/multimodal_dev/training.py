@@ -139,10 +139,12 @@ def model_overrides(args) -> dict:
 
 def build_model_and_optimizer(args):
     """The DDP-wrapped model, its optimizer and scheduler (and the unwrapped model)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core import parallel_state as ps
+
+    from megatron.mcore_ext.ddp import BatchedGradDDP
 
     from multimodal_dev.models import build_model
 
@@ -178,7 +180,9 @@ def build_model_and_optimizer(args):
         use_distributed_optimizer=args.use_distributed_optimizer,
         check_for_nan_in_grad=True,
     )
-    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    # megatron's DDP, with the per-parameter gradient hooks batched into one foreach add per
+    # backward where nothing waits on them (megatron/mcore_ext/ddp.py)
+    ddp = BatchedGradDDP(config=config, ddp_config=ddp_config, module=model)
     if not ddp_config.overlap_grad_reduce:
         # nothing waits on DDP's per-parameter hooks: the grouped experts' stacked gradient goes
         # into main_grad and the per-expert AccumulateGrad nodes and hooks are skipped (experts.py)

@@ -6,7 +6,9 @@ two accumulated micro-batches (the second one adds to the first's sums).
 Runs the real trainer pieces (``training.initialize`` + ``build_model_and_optimizer``, tiny, fp32,
 CPU) in a subprocess: as shipped (the trainer turns on ``skip_param_grad_hooks``: the experts get
 no ``.grad`` and no per-parameter hook runs for them), with the stack hook but per-expert ``.grad``s
-("hooked"), and with plain ``torch.stack`` (DDP adds every ``.grad``).
+("hooked"), and with plain ``torch.stack`` (DDP adds every ``.grad``); all with ``BatchedGradDDP``
+(one foreach add of the pending ``.grad`` s per backward), against megatron's own DDP and plain
+stack ("megatron"): the buffers must be bit-equal.
 """
 from __future__ import annotations
 
@@ -25,7 +27,12 @@ SCRIPT = r"""
 import json, sys, torch
 from megatron.mcore_ext import experts as ex
 mode = sys.argv[1]
-if mode == "plain":
+if mode == "megatron":  # the reference: plain stack, megatron's DDP with its per-parameter hooks
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.mcore_ext import ddp as mddp
+    mddp.BatchedGradDDP = DistributedDataParallel
+    ex._stacked = lambda weights, skip=False: torch.stack(weights)
+elif mode == "plain":
     ex._stacked = lambda weights, skip=False: torch.stack(weights)   # autograd + DDP's per-parameter add_
 elif mode == "hooked":  # the stack hook adds into main_grad, the per-expert .grad still flow
     ex.GroupedGemmSequentialMLP.skip_param_grad_hooks = property(lambda self: False, lambda self, v: None)
@@ -49,7 +56,7 @@ ddp.zero_grad_buffer()
 fb = get_forward_backward_func()
 fb(forward_step_func=forward_step, data_iterator=iter([batch, batch]), model=[ddp], num_microbatches=2,
    seq_length=64, micro_batch_size=1, decoder_seq_length=None, forward_only=False)
-out = {"flags": {}, "main_grad": {}, "hook_calls": hook_calls}
+out = {"flags": {}, "main_grad": {}, "hook_calls": hook_calls, "ddp": type(ddp).__name__}
 for n, p in ddp.module.named_parameters():
     out["main_grad"][n] = p.main_grad.double().flatten().tolist()
     out["flags"][n] = bool(getattr(p, "grad_added_to_main_grad", False))
@@ -72,24 +79,26 @@ def _run(mode: str) -> dict:
 
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no torch._grouped_mm")
 def test_main_grad_fusion_equals_per_parameter_accumulation():
-    fused, hooked, plain = _run("fused"), _run("hooked"), _run("plain")
+    fused, hooked, plain, ref = _run("fused"), _run("hooked"), _run("plain"), _run("megatron")
+    assert {r["ddp"] for r in (fused, hooked, plain)} == {"BatchedGradDDP"}
+    assert ref["ddp"] == "DistributedDataParallel"
     expert_w = [n for n in fused["flags"] if ".local_experts." in n]
     assert expert_w, "no grouped experts in the tiny model"
     for run in (fused, hooked):
         # the fused path ran for every expert weight (and only there); without it DDP added each .grad
         assert all(run["flags"][n] for n in expert_w)
         assert not any(v for n, v in run["flags"].items() if n not in expert_w)
-    assert not any(plain["flags"].values())
+    assert not any(plain["flags"].values()) and not any(ref["flags"].values())
     # per-parameter gradient hooks: every parameter, twice (two micro-batches), except the experts
     # when their hooks are skipped
-    for run in (hooked, plain):
+    for run in (hooked, plain, ref):
         assert all(run["hook_calls"].get(n) == 2 for n in run["flags"]), run["hook_calls"]
     assert not any(n in fused["hook_calls"] for n in expert_w)
     assert all(fused["hook_calls"].get(n) == 2 for n in fused["flags"] if n not in expert_w)
-    for run in (fused, hooked):
-        assert run["main_grad"].keys() == plain["main_grad"].keys()
-        for n, g in plain["main_grad"].items():
-            torch.testing.assert_close(torch.tensor(run["main_grad"][n]), torch.tensor(g), rtol=1e-6, atol=1e-9,
-                                       msg=lambda m, n=n: f"main_grad {n}: {m}")
+    for run in (fused, hooked, plain):
+        assert run["main_grad"].keys() == ref["main_grad"].keys()
+        for n, g in ref["main_grad"].items():
+            # the same additions into the same fp32 buffers: bit-equal, not merely close
+            assert run["main_grad"][n] == g, f"main_grad {n} differs from megatron's DDP"
     # and the experts did receive gradient (the comparison is not of zeros)
     assert any(max(abs(v) for v in fused["main_grad"][n]) > 0 for n in expert_w)

@@ -1,0 +1,75 @@
+"""megatron-core DDP with one gradient accumulation per backward instead of a hook per parameter.
+
+megatron-core 0.19.2's ``DistributedDataParallel`` hooks every parameter's ``AccumulateGrad`` node;
+the hook adds that parameter's ``.grad`` into its ``main_grad`` buffer (``add_``, one launch) and
+drops the ``.grad``. That is a Python call and a kernel launch per parameter per backward, in a
+backward whose host already lags the GPU: in the steady-state profile of ``proxy`` on an H100
+(docs/performance.md) these hooks were the largest single item of GPU idle time in the backward,
+~13 ms per step for ~280 hooked parameters.
+
+``BatchedGradDDP`` keeps megatron's hook where something waits on it -- overlapped gradient
+reduction (the hook marks a parameter ready for its bucket), delayed weight-gradient computation,
+GTP weight rematerialisation -- and otherwise installs a light hook that only asks autograd for a
+callback at the end of the current backward (``queue_callback``, once per backward). The callback
+adds every pending ``.grad`` into its ``main_grad`` with one ``torch._foreach_add_`` and drops the
+``.grad`` s, skipping, as megatron's hook does, parameters whose gradient is already in
+``main_grad`` (``grad_added_to_main_grad``). Each backward (each micro-batch, and each nested
+backward of activation recomputation) flushes its own gradients, so the buffers get the same
+additions in the same order: bit-equal to megatron's hooks. The ``.grad`` s of one backward live
+until its end instead of being dropped one by one (for ``proxy`` at most ~1.2 GB of bf16
+gradients, while the activations are being freed).
+"""
+from __future__ import annotations
+
+import torch
+
+from megatron.core.distributed import DistributedDataParallel
+from megatron.core.distributed import distributed_data_parallel as _mcore_ddp
+
+__all__ = ["BatchedGradDDP"]
+
+
+class BatchedGradDDP(DistributedDataParallel):
+    """``DistributedDataParallel`` whose plain per-parameter hooks are batched (see above)."""
+
+    def __init__(self, *args, **kwargs):
+        self._batched_params: list = []
+        self._flush_params = None  # the batched parameters DDP manages, on the first flush
+        self._flush_queued = False
+        super().__init__(*args, **kwargs)
+
+    def _batches(self, param) -> bool:
+        cfg = self.ddp_config
+        return not (cfg.overlap_grad_reduce or cfg.delay_wgrad_compute
+                    or getattr(param, "is_gtp_weight_remat", False))
+
+    def _make_backward_post_hook(self, param: torch.nn.Parameter):
+        if not self._batches(param):
+            return super()._make_backward_post_hook(param)
+        self._batched_params.append(param)
+
+        def hook(*unused):
+            if _mcore_ddp.is_graph_capturing():
+                return
+            if not self._flush_queued:
+                self._flush_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._flush_grads)
+
+        return hook
+
+    def _flush_grads(self):
+        """Add the pending ``.grad`` s into ``main_grad`` (what megatron's hook does one by one)."""
+        self._flush_queued = False
+        if self._flush_params is None:  # megatron's hook acts only on the parameters in its buckets
+            self._flush_params = [p for p in self._batched_params if p in self.param_to_bucket_group]
+        mains, grads = [], []
+        for param in self._flush_params:
+            grad = param.grad
+            if grad is None:
+                continue
+            if not param.grad_added_to_main_grad or getattr(param, "zero_out_wgrad", False):
+                mains.append(param.main_grad)
+                grads.append(grad.data)
+            param.grad = None
+        if mains:
+            torch._foreach_add_(mains, grads)
