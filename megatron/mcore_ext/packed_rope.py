@@ -24,8 +24,9 @@ dim (1 / 0 on the pass-through dims) and ``P`` the rotate-half permutation (an i
 backward is ``g * C + (g * S)[..., P]``). The tables are built once per step (every layer's query
 and key share the angle tensor) instead of ``cos``/``sin``/casts per call, and the slicing and
 concatenations of megatron's ``_apply_rotary_pos_emb_bshd`` go away: 4 kernels forward and 4
-backward per call instead of ~11 and ~10, bit-equal results (the same products and sums in the
-same dtype; a test checks equality with megatron's function, values and gradients).
+backward per call instead of ~11 and ~10, bit-equal results for finite inputs (the same products
+and sums in the same dtype; a test checks equality with megatron's function, values and
+gradients; an inf on a pass-through dim would become NaN through its ``* 0`` term).
 """
 from __future__ import annotations
 
