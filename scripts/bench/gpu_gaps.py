@@ -3,14 +3,18 @@
 The profiled steps have run once before (steady state: no first-use cost of kernels, cuBLAS
 heuristics or cuDNN plans for their shapes).
 
-Usage: gpu_gaps.py VARIANT LAYOUT SEQ SAMPLES OUT_DIR [STEPS]
+Usage: python scripts/bench/gpu_gaps.py VARIANT LAYOUT SEQ_LENGTH SAMPLES_PER_STEP OUT_DIR [STEPS]
+e.g.   python scripts/bench/gpu_gaps.py proxy thd 4096 4 runs/prof 4   (writes OUT_DIR/trace_LAYOUT.json)
 """
 import sys, os, json, functools, collections, time
-sys.path[:0] = [os.getcwd(), os.getcwd() + "/examples", os.getcwd() + "/scripts/bench"]
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "examples"), os.path.join(_ROOT, "scripts", "bench")]
 import torch
 import train_throughput as tt
 from torch.profiler import profile, ProfilerActivity, record_function
 
+if len(sys.argv) < 6 or sys.argv[2] not in ("thd", "bshd"):
+    raise SystemExit(__doc__)
 variant, layout, seq, nsamp, out = sys.argv[1:6]
 steps = int(sys.argv[6]) if len(sys.argv) > 6 else 3
 args = tt.build_parser().parse_args(["--variant", variant, "--seq-length", seq, "--samples-per-step", nsamp,

@@ -1,11 +1,22 @@
-"""Per-module op census of one ours training step (CPU or GPU): forward ops and host ms per module,
-backward ops per autograd node, optimizer ops. Usage: census2.py VARIANT LAYOUT SEQ SAMPLES"""
+"""How many ops one training step of our trainer dispatches, and where (CPU or GPU).
+
+Forward: ops per module (with the module's inclusive host time, which the counting itself
+inflates); backward: ops per autograd node; the optimizer's ops apart. On a GPU nearly every
+counted op is a kernel launch, so this is the host's launch budget by module. Views and other
+metadata-only ops are not counted.
+
+Usage: python scripts/bench/op_census.py VARIANT LAYOUT SEQ_LENGTH SAMPLES_PER_STEP ["MEGATRON ARGS"]
+e.g.   python scripts/bench/op_census.py proxy thd 4096 4
+"""
 import sys, collections, functools, time, os
-sys.path[:0] = [os.getcwd(), os.getcwd() + "/examples", os.getcwd() + "/scripts/bench"]
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "examples"), os.path.join(_ROOT, "scripts", "bench")]
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 import train_throughput as tt
 
+if len(sys.argv) < 5 or sys.argv[2] not in ("thd", "bshd"):
+    raise SystemExit(__doc__)
 variant, layout, seq, nsamp = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 extra = sys.argv[5] if len(sys.argv) > 5 else ""
 VIEWISH = {"view", "_unsafe_view", "expand", "t", "transpose", "permute", "unsqueeze", "squeeze", "select", "slice",
