@@ -15,7 +15,10 @@ adds every pending ``.grad`` into its ``main_grad`` with one ``torch._foreach_ad
 ``.grad`` s, skipping, as megatron's hook does, parameters whose gradient is already in
 ``main_grad`` (``grad_added_to_main_grad``). Each backward (each micro-batch, and each nested
 backward of activation recomputation) flushes its own gradients, so the buffers get the same
-additions in the same order: bit-equal to megatron's hooks. The ``.grad`` s of one backward live
+additions in the same order: bit-equal to megatron's hooks. A backward that raises before its
+callback runs leaves its ``.grad`` s behind; ``zero_grad_buffer`` (the start of every iteration)
+drops them, and the once-per-backward bookkeeping is keyed by autograd's graph task, so it cannot
+get stuck. The ``.grad`` s of one backward live
 until its end instead of being dropped one by one (for ``proxy`` at most ~1.2 GB of bf16
 gradients, while the activations are being freed).
 """
@@ -35,7 +38,7 @@ class BatchedGradDDP(DistributedDataParallel):
     def __init__(self, *args, **kwargs):
         self._batched_params: list = []
         self._flush_params = None  # the batched parameters DDP manages, on the first flush
-        self._flush_queued = False
+        self._queued_task = None  # the backward (autograd graph task) whose flush is queued
         super().__init__(*args, **kwargs)
 
     def _batches(self, param) -> bool:
@@ -51,15 +54,25 @@ class BatchedGradDDP(DistributedDataParallel):
         def hook(*unused):
             if _mcore_ddp.is_graph_capturing():
                 return
-            if not self._flush_queued:
-                self._flush_queued = True
+            # once per backward; keyed by the graph task, so a backward that raised before its
+            # callback ran cannot keep later ones from queueing theirs
+            task = torch._C._current_graph_task_id()
+            if task != self._queued_task:
+                self._queued_task = task
                 torch.autograd.Variable._execution_engine.queue_callback(self._flush_grads)
 
         return hook
 
+    def zero_grad_buffer(self):
+        super().zero_grad_buffer()
+        # what a backward that raised left unflushed must not reach the next iteration's buffers
+        self._queued_task = None
+        for param in self._batched_params:
+            param.grad = None
+
     def _flush_grads(self):
         """Add the pending ``.grad`` s into ``main_grad`` (what megatron's hook does one by one)."""
-        self._flush_queued = False
+        self._queued_task = None
         if self._flush_params is None:  # megatron's hook acts only on the parameters in its buckets
             self._flush_params = [p for p in self._batched_params if p in self.param_to_bucket_group]
         mains, grads = [], []
