@@ -183,14 +183,13 @@ def build_model_and_optimizer(args):
     # megatron's DDP, with the per-parameter gradient hooks batched into one foreach add per
     # backward where nothing waits on them (megatron/mcore_ext/ddp.py)
     ddp = BatchedGradDDP(config=config, ddp_config=ddp_config, module=model)
-    if not ddp_config.overlap_grad_reduce:
-        # nothing waits on DDP's per-parameter hooks: the grouped experts' stacked gradient goes
-        # into main_grad and the per-expert AccumulateGrad nodes and hooks are skipped (experts.py)
-        from megatron.mcore_ext.experts import GroupedGemmSequentialMLP
+    # where nothing waits on DDP's per-parameter hooks, the grouped experts' stacked gradient goes
+    # into main_grad and the per-expert AccumulateGrad nodes and hooks are skipped (experts.py)
+    from megatron.mcore_ext.experts import GroupedGemmSequentialMLP
 
-        for m in model.modules():
-            if isinstance(m, GroupedGemmSequentialMLP):
-                m.skip_param_grad_hooks = True
+    for m in model.modules():
+        if isinstance(m, GroupedGemmSequentialMLP):
+            m.skip_param_grad_hooks = all(ddp.hook_optional(p) for p in m.parameters())
     opt_config = OptimizerConfig(
         optimizer="adam",
         lr=args.lr,

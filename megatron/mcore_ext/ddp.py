@@ -41,13 +41,15 @@ class BatchedGradDDP(DistributedDataParallel):
         self._queued_task = None  # the backward (autograd graph task) whose flush is queued
         super().__init__(*args, **kwargs)
 
-    def _batches(self, param) -> bool:
+    def hook_optional(self, param) -> bool:
+        """Nothing waits on this parameter's backward hook (no overlapped reduction, delayed
+        wgrad or GTP remat): its gradient may reach ``main_grad`` any time before the backward ends."""
         cfg = self.ddp_config
         return not (cfg.overlap_grad_reduce or cfg.delay_wgrad_compute
                     or getattr(param, "is_gtp_weight_remat", False))
 
     def _make_backward_post_hook(self, param: torch.nn.Parameter):
-        if not self._batches(param):
+        if not self.hook_optional(param):
             return super()._make_backward_post_hook(param)
         self._batched_params.append(param)
 

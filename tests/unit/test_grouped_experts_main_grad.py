@@ -30,7 +30,11 @@ mode = sys.argv[1]
 if mode == "megatron":  # the reference: plain stack, megatron's DDP with its per-parameter hooks
     from megatron.core.distributed import DistributedDataParallel
     from megatron.mcore_ext import ddp as mddp
-    mddp.BatchedGradDDP = DistributedDataParallel
+    class MegatronDDP(DistributedDataParallel):  # megatron's hooks, all of them run
+        def hook_optional(self, param):
+            return False
+    MegatronDDP.__name__ = "DistributedDataParallel"
+    mddp.BatchedGradDDP = MegatronDDP
     ex._stacked = lambda weights, skip=False: torch.stack(weights)
 elif mode == "plain":
     ex._stacked = lambda weights, skip=False: torch.stack(weights)   # autograd + DDP's per-parameter add_
