@@ -161,7 +161,11 @@ def _index(pool):
     idx = collections.defaultdict(list)
     for e in pool:
         idx[e.get("tid")].append(e)
-    return {t: (sorted(v, key=lambda e: e["ts"]), [e["ts"] for e in sorted(v, key=lambda e: e["ts"])]) for t, v in idx.items()}
+    out = {}
+    for t, v in idx.items():
+        v.sort(key=lambda e: e["ts"])
+        out[t] = (v, [e["ts"] for e in v])
+    return out
 def innermost(ts, tid, index):
     evs, starts = index.get(tid, ([], []))
     i = bisect.bisect_right(starts, ts) - 1
