@@ -174,6 +174,35 @@ def _svg(curves: dict[str, list[float]], path: Path, title: str) -> None:
     path.write_text("\n".join(parts))
 
 
+def _padding_table(cases: dict) -> list[str]:
+    """Padding invariance in every layout, at iteration 1 (the same weights in every run).
+
+    Per case: the padding the batches carried, the expert assignments routed per MoE layer divided
+    by the real tokens (exactly top-k when padding is masked out of routing; more when it is routed),
+    and the load-balancing loss with its relative deviation from the padding-free 1-GPU run of its
+    kind (``thd`` for the plain cases; the bias cases have no padding-free run, so they are compared
+    with ``bias``).
+    """
+    ok = {k: c for k, c in cases.items() if c["rc"] == 0 and c.get("metrics")}
+    if not ok or "expert_tokens" not in next(iter(ok.values()))["metrics"][0]:
+        return []
+    out = ["", "Padding invariance in every layout (iteration 1, the same weights in every run):", "",
+           "| case | padding tokens | real tokens | routed per layer / real tokens | LB loss | "
+           "rel. dev. from |", "|---|---|---|---|---|---|"]
+    for name, c in ok.items():
+        m = c["metrics"][0]
+        per_layer = sorted({sum(layer) / max(m["tokens"], 1) for layer in m["expert_tokens"]})
+        routed = ", ".join(f"{x:g}" for x in per_layer)
+        ref = "bias" if name == "bias" or c.get("ref") == "bias" else "thd"
+        if name == ref or ref not in ok:
+            dev = "-"
+        else:
+            dev = f"{_rel(m['load_balancing_loss'], ok[ref]['metrics'][0]['load_balancing_loss']):.1e} ({ref})"
+        out.append(f"| {name} | {m['padding_tokens']} | {m['tokens']} | {routed} | "
+                   f"{m['load_balancing_loss']:.5f} | {dev} |")
+    return out
+
+
 def report(args) -> int:
     res = json.loads(Path(args.results).read_text())
     cases = res["cases"]
@@ -210,6 +239,7 @@ def report(args) -> int:
             r0 = m[0]
             lines.append(f"| {name} | {r0['padding_tokens'] / max(r0['tokens'] + r0['padding_tokens'], 1):.1%} | "
                          f"{r0['load_balancing_loss']:.5f} |")
+    lines += _padding_table(cases)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.doc:
