@@ -64,7 +64,8 @@ def sample_lengths(batch: Mapping[str, Any]) -> list[int]:
     cu = batch.get("cu_seqlens")
     if cu is not None:
         cu = torch.as_tensor(cu).long().cpu()
-        return [int(x) for x in (cu[1:] - cu[:-1])]
+        # a zero-length entry is the padding segment of a bucketed row (CollateConfig.row_multiple)
+        return [int(x) for x in (cu[1:] - cu[:-1]) if x > 0]
     pm = batch.get("padding_mask")
     if pm is None:  # no padding: every row is one full sample
         b, s = torch.as_tensor(batch["tokens"]).shape[-2:]

@@ -606,3 +606,47 @@ def test_brute_force_reference_hand_cases():
     assert brute_force_multiple(2, 3, True, 1) == 6
     assert brute_force_multiple(3, 2, False, 8) == 8
     assert brute_force_multiple(3, 2, True, 1) == 12  # L % 4 and (L/2) % 3
+
+
+# ------------------------------------------------------------------------- THD row multiple
+@SETTINGS
+@given(data=batches(), d=st.sampled_from([1, 2, 4]), k=st.sampled_from([1, 2, 3, 8, 32]))
+def test_thd_row_multiple_adds_one_padding_segment(data, d, k):
+    """``row_multiple``: the row is the plain THD row plus, when its length is not a multiple, one
+    trailing segment of padding (its own sample boundary, no real tokens), nothing else changed."""
+    ts, samples = data
+    m = d * k
+    kw = dict(layout="thd", divisible_by=d, image_token_id=IMG, spatial_merge_size=MERGE, pad_token_id=3)
+    base = pack_or_pad_batch(samples, CollateConfig(**kw))
+    rows = pack_or_pad_batch(samples, CollateConfig(**kw, row_multiple=m))
+    n = base["tokens"].shape[1]
+    tail = (m - n % m) % m
+    assert rows["tokens"].shape == (1, n + tail) and (n + tail) % m == 0
+    for key in ("tokens", "labels", "loss_mask", "padding_mask"):
+        assert torch.equal(rows[key][:, :n], base[key]), key
+    assert torch.equal(rows["position_ids"][:, :, :n], base["position_ids"])
+    assert (rows["tokens"][0, n:] == 3).all() and (rows["labels"][0, n:] == IGNORE_INDEX).all()
+    assert (rows["loss_mask"][0, n:] == 0).all() and rows["padding_mask"][0, n:].all()
+    for c in range(3):  # the padding segment's positions count from 0, like any sample's
+        assert rows["position_ids"][c, 0, n:].tolist() == list(range(tail))
+    if tail:
+        assert rows["cu_seqlens"].tolist() == base["cu_seqlens"].tolist() + [base["cu_seqlens"][-1].item()]
+        assert rows["cu_seqlens_padded"].tolist() == base["cu_seqlens_padded"].tolist() + [n + tail]
+        assert rows["max_seqlen"] == max(base["max_seqlen"], tail)
+    else:
+        assert rows["cu_seqlens"].tolist() == base["cu_seqlens"].tolist()
+        assert rows["cu_seqlens_padded"].tolist() == base["cu_seqlens_padded"].tolist()
+        assert rows["max_seqlen"] == base["max_seqlen"]
+    assert rows["stats"] == dict(base["stats"], padding_tokens=base["stats"]["padding_tokens"] + tail)
+    for key in ("pixel_values", "image_grid_thw"):
+        assert (rows[key] is None and base[key] is None) or torch.equal(rows[key], base[key])
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(layout="thd", row_multiple=0), "row_multiple must be a positive int"),
+    (dict(layout="bshd", target_seqlen=8, row_multiple=4), "applies to the 'thd' layout only"),
+    (dict(layout="thd", divisible_by=4, row_multiple=6), "row_multiple=6 must be a multiple of divisible_by=4"),
+])
+def test_thd_row_multiple_bad_config(kwargs, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        CollateConfig(**kwargs)

@@ -88,6 +88,10 @@ class CollateConfig:
     image_token_id: the placeholder id of image tokens in the text (needed when there are images).
     spatial_merge_size: the vision merger's spatial factor (2 for 2x2): an image of grid
         (t, h, w) patches takes ``t*h*w / merge**2`` tokens.
+    row_multiple: THD only: the packed row is padded up to a multiple of it with one trailing
+        segment of padding (its own sequence in ``cu_seqlens_padded``, zero real tokens in
+        ``cu_seqlens``), so that rows come in a few lengths (CUDA graphs of the decoder layers are
+        captured per length, ``--cuda-graph-layers``). A multiple of ``divisible_by``.
     """
 
     layout: Literal["bshd", "thd"] = "thd"
@@ -97,6 +101,7 @@ class CollateConfig:
     pad_token_id: int = 0
     image_token_id: int | None = None
     spatial_merge_size: int = 2
+    row_multiple: int = 1
 
     def __post_init__(self):
         if self.layout not in ("bshd", "thd"):
@@ -117,6 +122,16 @@ class CollateConfig:
                 )
         if self.truncate and self.target_seqlen is None:
             raise ValueError("CollateConfig.truncate needs target_seqlen (the length to cut to)")
+        if not isinstance(self.row_multiple, int) or self.row_multiple < 1:
+            raise ValueError(f"CollateConfig.row_multiple must be a positive int, got {self.row_multiple!r}")
+        if self.row_multiple > 1 and self.layout != "thd":
+            raise ValueError("CollateConfig.row_multiple applies to the 'thd' layout only (BSHD rows are "
+                             "target_seqlen long already)")
+        if self.row_multiple > 1 and self.row_multiple % self.divisible_by != 0:
+            raise ValueError(
+                f"CollateConfig.row_multiple={self.row_multiple} must be a multiple of "
+                f"divisible_by={self.divisible_by} (the padding segment is split like every sample)"
+            )
 
 
 def _sample_name(i: int, sample: Mapping) -> str:
@@ -294,6 +309,7 @@ def pack_or_pad_batch(samples: Sequence[Mapping], config: CollateConfig) -> dict
         )
 
     # ---- lay out -----------------------------------------------------------------------------
+    n_samples = len(prepared)
     lengths = np.fromiter((p[0].size for p in prepared), np.int64, len(prepared))
     if cfg.layout == "bshd":
         row_len = cfg.target_seqlen
@@ -303,6 +319,12 @@ def pack_or_pad_batch(samples: Sequence[Mapping], config: CollateConfig) -> dict
     else:
         d = cfg.divisible_by
         padded = (lengths + d - 1) // d * d
+        tail = -int(padded.sum()) % cfg.row_multiple
+        if tail:  # the row's padding up to row_multiple: a segment of its own, with no real tokens
+            lengths = np.append(lengths, 0)
+            padded = np.append(padded, tail)
+            prepared.append((np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2), np.int64),
+                             np.zeros((0, 3), np.int64), None))
         offsets = np.concatenate([[0], np.cumsum(padded)[:-1]])
         shape = (1, int(padded.sum()))
     n_total = shape[0] * shape[1]
@@ -343,7 +365,7 @@ def pack_or_pad_batch(samples: Sequence[Mapping], config: CollateConfig) -> dict
         batch["max_seqlen"] = int(padded.max())
     n_real = int(lengths.sum())
     batch["stats"] = {
-        "samples": len(prepared),
+        "samples": n_samples,
         "tokens": n_real,
         "padding_tokens": n_total - n_real,
         "truncated_samples": n_truncated,
