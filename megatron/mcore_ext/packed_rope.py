@@ -51,10 +51,13 @@ def rope_tables(freqs: torch.Tensor, head_dim: int, dtype: torch.dtype, mscale: 
     """``(C, S, P)`` for ``_Rope``: ``freqs`` [..., rot_dim] -> C, S [..., head_dim] in ``dtype``
     (megatron's ``(cos(freqs) * mscale).to(dtype)`` and the sines with the rotate-half signs; 1 and
     0 past ``rot_dim``) and the permutation P [head_dim]. Cached for the last angle tensor, so the
-    layers of one step build them once."""
+    layers of one step build them once -- except while a CUDA graph is captured: a graph replays
+    the kernels it recorded, so its tables must be computed inside it, from its own angle tensor
+    (a cached result would be frozen at capture time)."""
+    capturing = freqs.is_cuda and torch.cuda.is_current_stream_capturing()
     key = (freqs.data_ptr(), freqs.shape, freqs.stride(), freqs._version, freqs.device, head_dim, dtype,
            float(mscale), bool(interleaved))
-    hit = _TABLES.get("entry")
+    hit = None if capturing else _TABLES.get("entry")
     if hit is not None and hit[0] == key and hit[1]() is freqs:
         return hit[2]
     rot = freqs.shape[-1]
@@ -77,7 +80,8 @@ def rope_tables(freqs: torch.Tensor, head_dim: int, dtype: torch.dtype, mscale: 
         C[..., :rot] = cos
         S[..., :rot] = sin * sign
     tables = (C, S, perm)
-    _TABLES["entry"] = (key, weakref.ref(freqs), tables)
+    if not capturing:
+        _TABLES["entry"] = (key, weakref.ref(freqs), tables)
     return tables
 
 
