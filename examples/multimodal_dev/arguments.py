@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with the grouped experts and the allgather dispatcher: permute tokens with "
                         "megatron's dispatcher (reads the per-expert counts to the host every MoE layer) "
                         "instead of our fixed-shape device-side sort (megatron.mcore_ext.sorted_dispatch)")
+    g.add_argument("--cuda-graph-layers", action="store_true",
+                   help="THD on a GPU: replay each language decoder layer's forward and backward from a CUDA "
+                        "graph, one per packed-row length (megatron.mcore_ext.layer_graphs); rows are padded "
+                        "up to --thd-row-multiple so that there are few lengths. Needs TP=CP=EP=PP=1, no "
+                        "dropout, no overlapped gradient reduction")
+    g.add_argument("--thd-row-multiple", type=int, default=None,
+                   help="THD: pad each packed row up to a multiple of this many tokens, as a padding segment "
+                        "of its own (default: 1024 with --cuda-graph-layers, else 1: no row padding)")
     g.add_argument("--chunked-lm-loss", action="store_true",
                    help="compute the training loss from the LM head in token chunks (megatron.mcore_ext."
                         "lm_loss) instead of from full [tokens, vocab] logits with megatron's vocab-parallel "
@@ -206,6 +214,30 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     if args.seq_length % mult:
         raise ArgumentError(
             f"--seq-length {args.seq_length} must be a multiple of {mult} "
+            f"(2 x --context-parallel-size, and CP x TP with --sequence-parallel)"
+        )
+    if args.cuda_graph_layers:
+        if not args.use_packed_sequence:
+            raise ArgumentError("--cuda-graph-layers needs --use-packed-sequence (it graphs THD rows)")
+        if not _cuda_available():
+            raise ArgumentError("--cuda-graph-layers needs a GPU (CUDA graphs)")
+        sizes = {"--tensor-model-parallel-size": args.tensor_model_parallel_size,
+                 "--context-parallel-size": args.context_parallel_size,
+                 "--expert-model-parallel-size": args.expert_model_parallel_size,
+                 "--pipeline-model-parallel-size": args.pipeline_model_parallel_size}
+        bad = [f"{k} {v}" for k, v in sizes.items() if v != 1]
+        if bad:
+            raise ArgumentError(f"--cuda-graph-layers needs one GPU per model replica; got {', '.join(bad)} "
+                                "(data parallelism is fine)")
+    if args.thd_row_multiple is None:
+        args.thd_row_multiple = 1024 if args.cuda_graph_layers else 1
+    if args.thd_row_multiple < 1:
+        raise ArgumentError(f"--thd-row-multiple must be >= 1, got {args.thd_row_multiple}")
+    if args.thd_row_multiple > 1 and not args.use_packed_sequence:
+        raise ArgumentError("--thd-row-multiple applies to packed rows: it needs --use-packed-sequence")
+    if args.thd_row_multiple > 1 and args.thd_row_multiple % mult:
+        raise ArgumentError(
+            f"--thd-row-multiple {args.thd_row_multiple} must be a multiple of {mult} "
             f"(2 x --context-parallel-size, and CP x TP with --sequence-parallel)"
         )
     return args

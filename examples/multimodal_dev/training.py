@@ -190,6 +190,14 @@ def build_model_and_optimizer(args):
     for m in model.modules():
         if isinstance(m, GroupedGemmSequentialMLP):
             m.skip_param_grad_hooks = all(ddp.hook_optional(p) for p in m.parameters())
+    if getattr(args, "cuda_graph_layers", False):
+        from megatron.mcore_ext.layer_graphs import LayerGraphs, check_layer_graphs_supported
+
+        check_layer_graphs_supported(config)
+        decoder = model.language_model.decoder
+        model.layer_graphs = LayerGraphs(decoder.layers)  # graphs are captured per row length, lazily
+        log.info("cuda graphs: %d decoder layers, THD rows padded to multiples of %d tokens",
+                 len(decoder.layers), args.thd_row_multiple)
     opt_config = OptimizerConfig(
         optimizer="adam",
         lr=args.lr,
@@ -328,6 +336,7 @@ def build_data(args, model) -> tuple[Any, Any]:
         target_seqlen=args.seq_length,
         divisible_by=args.seq_multiple,
         truncate=args.truncate,
+        row_multiple=getattr(args, "thd_row_multiple", 1) if args.use_packed_sequence else 1,
     )
     return provider, collate
 
@@ -593,6 +602,10 @@ def train(args) -> list[dict]:
                 "skipped_samples": skipped,
                 "unigram_baseline": baseline,
             }
+            graphs = getattr(model, "layer_graphs", None)
+            if graphs is not None:  # cumulative: graphs captured, layer calls replayed, eager layer calls
+                rec["cuda_graphs"] = {"captures": graphs.stats["captures"], "replays": graphs.stats["replays"],
+                                      "eager": sum(graphs.stats["eager"].values())}
             records.append(rec)
             writer.write(rec)
             if args.save and args.save_interval and iteration % args.save_interval == 0:

@@ -49,6 +49,10 @@ def _metrics(path):
         (["--dataset-provider", "webdataset"], 1, "needs --data-path"),
         (["--save-interval", "5"], 1, "--save-interval needs --save"),
         (["--expert-model-parallel-size", "3"], 2, "--expert-model-parallel-size"),
+        (["--cuda-graph-layers"], 1, "--cuda-graph-layers needs --use-packed-sequence"),
+        (["--thd-row-multiple", "256"], 1, "--thd-row-multiple applies to packed rows"),
+        (["--use-packed-sequence", "--thd-row-multiple", "6", "--context-parallel-size", "2"], 2,
+         "--thd-row-multiple 6 must be a multiple of 4"),
     ],
 )
 def test_bad_flag_combinations_raise_naming_the_flags(argv, world, needle):
@@ -71,6 +75,13 @@ def test_cpu_rejects_gpu_only_flags():
         parse_args(["--bf16"], world_size=1)
     with pytest.raises(ArgumentError, match="--use-distributed-optimizer needs a GPU"):
         parse_args(["--use-distributed-optimizer"], world_size=1)
+    with pytest.raises(ArgumentError, match="--cuda-graph-layers needs a GPU"):
+        parse_args(["--cuda-graph-layers", "--use-packed-sequence"], world_size=1)
+
+
+def test_cp_default_row_multiple_is_accepted():
+    args = parse_args(["--use-packed-sequence", "--context-parallel-size", "2"], world_size=2)
+    assert args.thd_row_multiple == 1 and args.seq_multiple == 4
 
 
 # ------------------------------------------------------------------------- kill and resume
@@ -166,4 +177,21 @@ def test_seq_aux_loss_packed_equals_padded(tmp_path):
     for a, b in zip(out["bshd"], out["thd"]):
         assert a["load_balancing_loss"] > 0
         assert abs(a["load_balancing_loss"] - b["load_balancing_loss"]) <= 1e-5 * a["load_balancing_loss"]
+        assert a["expert_tokens"] == b["expert_tokens"]
+
+
+def test_thd_rows_padded_to_a_multiple_change_no_loss_or_routing(tmp_path):
+    """--thd-row-multiple pads every packed row with a segment of padding (for CUDA graphs): with the
+    padding mask, the losses and every expert's token count are those of the unpadded rows."""
+    out = {}
+    for name, extra in (("plain", []), ("rows", ["--thd-row-multiple", "384"])):
+        r = _run(COMMON + ["--train-iters", "2", "--use-packed-sequence",
+                           "--metrics-file", str(tmp_path / f"{name}.jsonl"), *extra])
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[name] = _metrics(tmp_path / f"{name}.jsonl")
+    for a, b in zip(out["plain"], out["rows"], strict=True):
+        assert b["padding_tokens"] > a["padding_tokens"]  # the rows did grow
+        assert a["tokens"] == b["tokens"] and a["loss_tokens"] == b["loss_tokens"]
+        for k in ("lm_loss", "load_balancing_loss", "z_loss"):
+            assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), (k, a[k], b[k])
         assert a["expert_tokens"] == b["expert_tokens"]
