@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", default=",".join(ALL_CONFIGS),
                    help=f"comma-separated subset of {','.join(ALL_CONFIGS)}")
     p.add_argument("--skip-hf", action="store_true", help="only our trainer")
+    p.add_argument("--cuda-graph-layers", action="store_true",
+                   help="ours-thd: replay the decoder layers from CUDA graphs (the trainer's --cuda-graph-layers); "
+                        "our THD rows are then padded to --thd-row-multiple (HF's packed rows are not)")
+    p.add_argument("--thd-row-multiple", type=int, default=None,
+                   help="ours-thd: pad each packed row up to a multiple of this many tokens "
+                        "(default 1024 with --cuda-graph-layers, else 1)")
     p.add_argument("--hf-attn", default="auto",
                    help="HF attn_implementation: auto (flash_attention_2 if importable, else sdpa), sdpa, "
                         "flash_attention_2, eager, flex_attention")
@@ -240,11 +246,12 @@ def make_samples(variant_cfg: dict, args) -> tuple[list[dict], Any, dict]:
     return samples, provider, mix
 
 
-def collate_steps(samples: list[dict], provider, args, layout: str) -> tuple[list[dict], float]:
+def collate_steps(samples: list[dict], provider, args, layout: str, row_multiple: int = 1) -> tuple[list[dict], float]:
     """One collated batch per step; and the mean collate time per step (seconds)."""
     from multimodal_dev.data.collate import pack_or_pad_batch
 
-    cc = provider.collate_config(layout=layout, target_seqlen=args.seq_length, divisible_by=args.seq_multiple)
+    cc = provider.collate_config(layout=layout, target_seqlen=args.seq_length, divisible_by=args.seq_multiple,
+                                 row_multiple=row_multiple)
     N = args.samples_per_step
     out, t = [], 0.0
     for i in range(len(samples) // N):
@@ -423,13 +430,15 @@ def run_ours(args, margs, batches: dict[str, list[dict]], flops, tokens, pads, p
         s = sum(d["lm loss"].double() for d in losses)
         return float(s[0] / s[1].clamp(min=1))
 
+    data_key = {"bshd": "bshd", "thd": "thd_rows" if "thd_rows" in batches else "thd"}
     # the two layouts compute the same thing: one forward-only pass on the first batch of each
     check = {"bshd": None, "thd": None}
     check_failed = False
     if {"ours-bshd", "ours-thd"} <= set(wanted):  # it compares the two (and BSHD needs the most memory)
         try:
             for layout in ("bshd", "thd"):
-                losses = fb(forward_step_func=fwd, data_iterator=iter([batches[layout][0]]), model=[ddp],
+                with torch.no_grad():  # forward only (and no CUDA graph capture for it)
+                    losses = fb(forward_step_func=fwd, data_iterator=iter([batches[data_key[layout]][0]]), model=[ddp],
                             num_microbatches=1, seq_length=margs.seq_length,
                             micro_batch_size=1 if layout == "thd" else margs.micro_batch_size,
                             decoder_seq_length=None, forward_only=True)
@@ -463,10 +472,19 @@ def run_ours(args, margs, batches: dict[str, list[dict]], flops, tokens, pads, p
         def clear_moe_metrics():  # what train() does per iteration (the tracker accumulates otherwise)
             training._moe_losses(margs, config, 1)
 
-        results.append(measure(name, step, batches[layout], args, flops, tokens, pads[layout], peak,
+        graphs = getattr(model, "layer_graphs", None)
+        results.append(measure(name, step, batches[data_key[layout]], args, flops, tokens, pads[data_key[layout]], peak,
                                dict(framework="ours", layout=layout, attn=attn[layout], params_b=n_params / 1e9,
-                                    forward_only_loss_first_batch=check[layout]),
+                                    forward_only_loss_first_batch=check[layout],
+                                    row_multiple=args.thd_row_multiple if layout == "thd" else None,
+                                    cuda_graph_layers=bool(graphs) and layout == "thd"),
                                after_step=clear_moe_metrics, loss_of=loss_of))
+        if graphs is not None and layout == "thd":
+            st = graphs.stats
+            results[-1]["layer_graphs"] = dict(captures=st["captures"], capture_s=round(st["capture_s"], 2),
+                                               replays=st["replays"], eager=dict(st["eager"]))
+            print(f"ours-thd cuda graphs: {st['captures']} captured in {st['capture_s']:.1f} s, {st['replays']} "
+                  f"replays, eager calls {dict(st['eager'])}", flush=True)
     # free everything before the next model (config holds bound methods of ddp and optimizer)
     config.no_sync_func = config.finalize_model_grads_func = config.grad_scale_func = None
     del ddp, model, optimizer, scheduler, fb, config
@@ -650,6 +668,12 @@ def main(argv=None) -> int:
     variant_cfg = get_variant(args.variant)
     margs = megatron_args(args, "bshd")
     args.seq_multiple = margs.seq_multiple
+    if args.thd_row_multiple is None:
+        args.thd_row_multiple = 1024 if args.cuda_graph_layers else 1
+    if args.thd_row_multiple < 1 or args.thd_row_multiple % args.seq_multiple:
+        raise SystemExit(f"--thd-row-multiple {args.thd_row_multiple} must be a positive multiple of {args.seq_multiple}")
+    # one model serves both layouts; the graphs only ever take its THD calls
+    margs.cuda_graph_layers, margs.thd_row_multiple = args.cuda_graph_layers, args.thd_row_multiple
     training.initialize(margs)  # process group (world size 1) + megatron parallel state, once
     dev = torch.device("cuda", torch.cuda.current_device()) if _cuda() else torch.device("cpu")
     peak, peak_src = _peak_tflops(args)
@@ -684,6 +708,9 @@ def main(argv=None) -> int:
     batches_cpu, collate_s = {}, {}
     for layout in ("bshd", "thd"):
         batches_cpu[layout], collate_s[layout] = collate_steps(samples, provider, args, layout)
+    if args.thd_row_multiple > 1:  # ours-thd's rows, padded to a multiple (HF packs the plain rows)
+        batches_cpu["thd_rows"], collate_s["thd_rows"] = collate_steps(samples, provider, args, "thd",
+                                                                       args.thd_row_multiple)
     data = data_summary(samples, batches_cpu["bshd"], batches_cpu["thd"], variant_cfg["image_token_id"])
     data.update(mix=mix, collate_ms_per_step={k: v * 1e3 for k, v in collate_s.items()})
     flops = [model_flops_per_step(variant_cfg, b)["total"] for b in batches_cpu["thd"]]
@@ -696,6 +723,13 @@ def main(argv=None) -> int:
         for k, v in model_flops_per_step(variant_cfg, b).items():
             parts[k] = parts.get(k, 0) + v / args.steps
     pads = {"bshd": data["padding_share_bshd"], "thd": data["padding_share_thd"]}
+    if "thd_rows" in batches_cpu:
+        b = batches_cpu["thd_rows"]
+        pads["thd_rows"] = (sum(x["stats"]["padding_tokens"] for x in b)
+                            / sum(x["stats"]["padding_tokens"] + x["stats"]["tokens"] for x in b))
+        data["padding_share_thd_rows"] = pads["thd_rows"]
+        print(f"ours-thd rows padded to multiples of {args.thd_row_multiple} tokens: padding share "
+              f"{pads['thd_rows']:.1%}, {len({int(x['tokens'].shape[1]) for x in b})} distinct row lengths", flush=True)
     print(f"data: {data['samples']} samples ({data['tokens_min']}..{data['tokens_max']} tokens, mean "
           f"{data['tokens_mean']:.0f}); {data['samples_with_images']} with images ({data['images']} images, "
           f"{data['image_token_share']:.1%} of tokens are image tokens, images {mix['image_px'][0]}..{mix['image_px'][1]} px); "
