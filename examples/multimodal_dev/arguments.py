@@ -228,7 +228,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         bad = [f"{k} {v}" for k, v in sizes.items() if v != 1]
         if bad:
             raise ArgumentError(f"--cuda-graph-layers needs one GPU per model replica; got {', '.join(bad)} "
-                                "(data parallelism is fine)")
+                                "(data parallelism is allowed)")
     if args.thd_row_multiple is None:
         args.thd_row_multiple = 1024 if args.cuda_graph_layers else 1
     if args.thd_row_multiple < 1:

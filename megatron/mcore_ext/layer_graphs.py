@@ -36,7 +36,8 @@ What a graph needs, and how it is met here:
   ``_ANCHOR`` is passed as a graph input so the captured backward reaches that node.
 
 Scope: one GPU per model replica in the model dimensions (TP = CP = EP = PP = 1; data parallelism
-is fine: the gradient reduction happens outside the layers), no dropout, gradient reduction not
+is allowed, as the gradient reduction happens outside the layers, but not yet run with graphs on
+more than one GPU), no dropout, gradient reduction not
 overlapped (``skip_param_grad_hooks`` on the experts). ``LayerGraphs`` checks these and raises.
 Memory: all layers of a row length are captured in one call and every length shares one memory
 pool (see ``_capture``), so the graphs need about one step's activations plus, per length, the

@@ -438,10 +438,10 @@ def run_ours(args, margs, batches: dict[str, list[dict]], flops, tokens, pads, p
         try:
             for layout in ("bshd", "thd"):
                 with torch.no_grad():  # forward only (and no CUDA graph capture for it)
-                    losses = fb(forward_step_func=fwd, data_iterator=iter([batches[data_key[layout]][0]]), model=[ddp],
-                            num_microbatches=1, seq_length=margs.seq_length,
-                            micro_batch_size=1 if layout == "thd" else margs.micro_batch_size,
-                            decoder_seq_length=None, forward_only=True)
+                    losses = fb(forward_step_func=fwd, data_iterator=iter([batches[data_key[layout]][0]]),
+                                model=[ddp], num_microbatches=1, seq_length=margs.seq_length,
+                                micro_batch_size=1 if layout == "thd" else margs.micro_batch_size,
+                                decoder_seq_length=None, forward_only=True)
                 check[layout] = loss_of(losses)
             training._moe_losses(margs, config, 1)
             print(f"ours: forward-only loss on the first step's samples: BSHD {check['bshd']:.5f}, THD {check['thd']:.5f} "
@@ -668,6 +668,8 @@ def main(argv=None) -> int:
     variant_cfg = get_variant(args.variant)
     margs = megatron_args(args, "bshd")
     args.seq_multiple = margs.seq_multiple
+    if args.cuda_graph_layers and not _cuda():
+        raise SystemExit("--cuda-graph-layers needs a CUDA GPU")
     if args.thd_row_multiple is None:
         args.thd_row_multiple = 1024 if args.cuda_graph_layers else 1
     if args.thd_row_multiple < 1 or args.thd_row_multiple % args.seq_multiple:

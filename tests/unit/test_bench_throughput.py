@@ -41,3 +41,39 @@ def test_passes_report_the_last_pass_and_keep_the_first(tmp_path):
         assert abs(rec["tokens_per_s_first_pass"] - first) < 1e-6 * first
         assert len(rec["losses"]) == 3
     assert by["ours-thd"]["padding_share"] == 0.0 and by["ours-bshd"]["padding_share"] > 0.0
+
+
+def test_thd_row_multiple_pads_only_our_thd_rows(tmp_path):
+    """``--thd-row-multiple``: our THD rows are padded (the JSON says by how much, and the padding is
+    not counted as tokens), the forward-only check still finds the BSHD loss, the useful tokens
+    per step are the same samples' as BSHD's."""
+    out = tmp_path / "tp.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench" / "train_throughput.py"), "--variant", "tiny",
+           "--seq-length", "256", "--samples-per-step", "2", "--warmup", "0", "--steps", "2",
+           "--skip-hf", "--thd-row-multiple", "384", "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    by = {x["config"]: x for x in d["results"]}
+    thd, bshd = by["ours-thd"], by["ours-bshd"]
+    assert thd["row_multiple"] == 384 and bshd["row_multiple"] is None
+    assert 0.0 < thd["padding_share"] == d["data"]["padding_share_thd_rows"] and d["data"]["padding_share_thd"] == 0.0
+    assert thd["real_tokens_per_step"] == bshd["real_tokens_per_step"]
+    a, b = thd["forward_only_loss_first_batch"], bshd["forward_only_loss_first_batch"]
+    assert abs(a - b) <= 1e-5 * abs(b), (a, b)
+
+
+def test_cuda_graph_layers_needs_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("on a GPU the flag is allowed (tests/unit/test_layer_graphs.py covers it)")
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench" / "train_throughput.py"), "--variant", "tiny",
+           "--skip-hf", "--cuda-graph-layers"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode != 0 and "--cuda-graph-layers needs a CUDA GPU" in r.stderr
