@@ -5,9 +5,10 @@ waits ~160 ms of a ~270 ms THD step while Python issues the layers' small kernel
 layer replayed from a CUDA graph costs one launch per direction.
 
 What: ``LayerGraphs(layers)`` replaces each ``TransformerLayer``'s ``forward`` with one that, for a
-THD call it can graph, runs ``torch.cuda.make_graphed_callables`` of that layer once per row
-length (``T``) and replays it afterwards; every other call (BSHD, evaluation, no grad, a layout it
-does not cover) runs the layer as before. Rows come in a few lengths when the collate pads them up
+THD call it can graph, replays that layer's graph for the row length (``T``); the first call of a
+new length (at the first layer) captures every layer for it with one
+``torch.cuda.make_graphed_callables`` call. Every other call (BSHD, evaluation, no grad, a layout
+it does not cover) runs the layer as before. Rows come in a few lengths when the collate pads them up
 to a multiple (``CollateConfig.row_multiple``; the padding is a segment of its own, flagged in
 ``padding_mask``, so it changes neither the loss nor the routing statistics).
 
@@ -37,8 +38,8 @@ What a graph needs, and how it is met here:
 
 Scope: one GPU per model replica in the model dimensions (TP = CP = EP = PP = 1; data parallelism
 is allowed, as the gradient reduction happens outside the layers, but not yet run with graphs on
-more than one GPU), no dropout, gradient reduction not
-overlapped (``skip_param_grad_hooks`` on the experts). ``LayerGraphs`` checks these and raises.
+more than one GPU), no dropout, gradient reduction not overlapped (``skip_param_grad_hooks`` on the
+experts). ``check_layer_graphs_supported`` and the capture check these and raise.
 Memory: all layers of a row length are captured in one call and every length shares one memory
 pool (see ``_capture``), so the graphs need about one step's activations plus, per length, the
 layers' inputs, outputs and parameter gradients; ``max_lengths`` bounds the lengths captured (a
