@@ -221,6 +221,9 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             raise ArgumentError("--cuda-graph-layers needs --use-packed-sequence (it graphs THD rows)")
         if not _cuda_available():
             raise ArgumentError("--cuda-graph-layers needs a GPU (CUDA graphs)")
+        if not args.bf16:
+            raise ArgumentError("--cuda-graph-layers needs --bf16 (packed attention is captured as the flash "
+                                "varlen kernel; the fp32 path reads row lengths on the host)")
         sizes = {"--tensor-model-parallel-size": args.tensor_model_parallel_size,
                  "--context-parallel-size": args.context_parallel_size,
                  "--expert-model-parallel-size": args.expert_model_parallel_size,

@@ -80,6 +80,8 @@ def check_layer_graphs_supported(config, pg_collection=None) -> None:
         problems.append("no CUDA GPU")
     if getattr(config, "hidden_dropout", 0.0) or getattr(config, "attention_dropout", 0.0):
         problems.append(f"dropout (hidden {config.hidden_dropout}, attention {config.attention_dropout}; needs 0)")
+    if not (getattr(config, "bf16", False) or getattr(config, "fp16", False)):
+        problems.append("fp32 (packed attention is graphed as the bf16/fp16 flash varlen kernel)")
     if getattr(config, "recompute_granularity", None):
         problems.append(f"activation recomputation ({config.recompute_granularity})")
     if getattr(config, "cuda_graph_impl", "none") not in (None, "none"):

@@ -64,6 +64,15 @@ def test_graphed_layers_train_like_eager(tmp_path, router):
         assert [sum(x) for x in a["expert_tokens"]] == [sum(x) for x in b["expert_tokens"]]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="on CPU --cuda-graph-layers fails earlier: needs a GPU")
+def test_graphs_need_bf16():
+    from multimodal_dev.arguments import ArgumentError, parse_args
+
+    with pytest.raises(ArgumentError, match="--cuda-graph-layers needs --bf16"):
+        parse_args(["--cuda-graph-layers", "--use-packed-sequence"], world_size=1)
+    assert parse_args(["--cuda-graph-layers", "--use-packed-sequence", "--bf16"], world_size=1).thd_row_multiple == 1024
+
+
 def test_installed_graphs_change_nothing_on_cpu():
     """On CPU every layer call runs eagerly (and is counted with its reason): outputs and gradients
     are the model's own."""
