@@ -219,19 +219,13 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     if args.cuda_graph_layers:
         if not args.use_packed_sequence:
             raise ArgumentError("--cuda-graph-layers needs --use-packed-sequence (it graphs THD rows)")
-        if not _cuda_available():
-            raise ArgumentError("--cuda-graph-layers needs a GPU (CUDA graphs)")
-        if not args.bf16:
-            raise ArgumentError("--cuda-graph-layers needs --bf16 (packed attention is captured as the flash "
-                                "varlen kernel; the fp32 path reads row lengths on the host)")
-        sizes = {"--tensor-model-parallel-size": args.tensor_model_parallel_size,
-                 "--context-parallel-size": args.context_parallel_size,
-                 "--expert-model-parallel-size": args.expert_model_parallel_size,
-                 "--pipeline-model-parallel-size": args.pipeline_model_parallel_size}
-        bad = [f"{k} {v}" for k, v in sizes.items() if v != 1]
-        if bad:
-            raise ArgumentError(f"--cuda-graph-layers needs one GPU per model replica; got {', '.join(bad)} "
-                                "(data parallelism is allowed)")
+        from megatron.mcore_ext.layer_graphs import layout_problems
+
+        problems = layout_problems(tp=args.tensor_model_parallel_size, cp=args.context_parallel_size,
+                                   ep=args.expert_model_parallel_size, pp=args.pipeline_model_parallel_size,
+                                   cuda=_cuda_available(), half=args.bf16)
+        if problems:
+            raise ArgumentError("--cuda-graph-layers " + "; ".join(problems))
     if args.thd_row_multiple is None:
         args.thd_row_multiple = 1024 if args.cuda_graph_layers else 1
     if args.thd_row_multiple < 1:

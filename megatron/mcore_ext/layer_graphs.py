@@ -57,37 +57,47 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LayerGraphs", "check_layer_graphs_supported"]
+__all__ = ["LayerGraphs", "check_layer_graphs_supported", "layout_problems"]
 
 #: keyword arguments of TransformerLayer.forward that must be None for a graphed call
 _MUST_BE_NONE = ("attention_mask", "context", "context_mask", "rotary_pos_cos", "rotary_pos_sin",
                  "rotary_pos_cos_sin", "attention_bias", "inference_context", "sequence_len_offset")
 
 
-def check_layer_graphs_supported(config, pg_collection=None) -> None:
+def layout_problems(*, tp: int, cp: int, ep: int, pp: int, cuda: bool, half: bool) -> list[str]:
+    """Why ``LayerGraphs`` cannot serve this layout, as "needs ..." phrases (empty: it can). The one
+    rule for both the flag check (``arguments.validate_args``, before any model is built) and
+    ``check_layer_graphs_supported`` (on the built model)."""
+    problems = []
+    if not cuda:
+        problems.append("needs a GPU (CUDA graphs)")
+    if not half:
+        problems.append("needs --bf16 (packed attention is captured as the flash varlen kernel; the fp32 path "
+                        "reads row lengths on the host)")
+    sizes = {"--tensor-model-parallel-size": tp, "--context-parallel-size": cp,
+             "--expert-model-parallel-size": ep, "--pipeline-model-parallel-size": pp}
+    bad = [f"{k} {v}" for k, v in sizes.items() if v != 1]
+    if bad:
+        problems.append(f"needs one GPU per model replica; got {', '.join(bad)} (data parallelism is allowed)")
+    return problems
+
+
+def check_layer_graphs_supported(config) -> None:
     """Raise ``ValueError`` naming the setting when ``LayerGraphs`` cannot serve this model."""
     from megatron.core import parallel_state as ps
 
-    problems = []
-    sizes = {
-        "--tensor-model-parallel-size": ps.get_tensor_model_parallel_world_size(),
-        "--context-parallel-size": ps.get_context_parallel_world_size(),
-        "--expert-model-parallel-size": ps.get_expert_model_parallel_world_size(),
-        "--pipeline-model-parallel-size": ps.get_pipeline_model_parallel_world_size(),
-    }
-    problems += [f"{flag} {n} (needs 1)" for flag, n in sizes.items() if n != 1]
-    if not torch.cuda.is_available():
-        problems.append("no CUDA GPU")
+    problems = layout_problems(
+        tp=ps.get_tensor_model_parallel_world_size(), cp=ps.get_context_parallel_world_size(),
+        ep=ps.get_expert_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
+        cuda=torch.cuda.is_available(), half=bool(getattr(config, "bf16", False) or getattr(config, "fp16", False)))
     if getattr(config, "hidden_dropout", 0.0) or getattr(config, "attention_dropout", 0.0):
-        problems.append(f"dropout (hidden {config.hidden_dropout}, attention {config.attention_dropout}; needs 0)")
-    if not (getattr(config, "bf16", False) or getattr(config, "fp16", False)):
-        problems.append("fp32 (packed attention is graphed as the bf16/fp16 flash varlen kernel)")
+        problems.append(f"needs no dropout (hidden {config.hidden_dropout}, attention {config.attention_dropout})")
     if getattr(config, "recompute_granularity", None):
-        problems.append(f"activation recomputation ({config.recompute_granularity})")
+        problems.append(f"needs no activation recomputation ({config.recompute_granularity})")
     if getattr(config, "cuda_graph_impl", "none") not in (None, "none"):
-        problems.append(f"megatron's own CUDA graphs (cuda_graph_impl={config.cuda_graph_impl})")
+        problems.append(f"cannot run with megatron's own CUDA graphs (cuda_graph_impl={config.cuda_graph_impl})")
     if problems:
-        raise ValueError("--cuda-graph-layers: not supported with " + "; ".join(problems))
+        raise ValueError("--cuda-graph-layers " + "; ".join(problems))
 
 
 def _expert_weights(layer) -> tuple[set, bool]:
@@ -135,7 +145,8 @@ class LayerGraphs:
         self._orig = []
         self._graphs: list[dict] = [dict() for _ in self.layers]
         self._calls = [0] * len(self.layers)
-        self._params: list[Optional[tuple]] = [None] * len(self.layers)
+        self._params: list[Optional[tuple]] = [None] * len(self.layers)  # each layer's graph inputs
+        self._experts: list[list] = [[] for _ in self.layers]  # weights reaching main_grad without an edge
         self.stats = {"captures": 0, "capture_s": 0.0, "replays": 0, "eager": collections.Counter()}
         self.enabled = True
         self._primer = None  # see _prime
@@ -217,9 +228,7 @@ class LayerGraphs:
         torch.cuda.synchronize()
         stream = torch.cuda.Stream()
         for i, (fn, a) in enumerate(zip(fns, args)):
-            ids = _expert_weights(self.layers[i])[0]
-            real = [(p, p.main_grad) for p in self.layers[i].parameters()
-                    if id(p) in ids and getattr(p, "main_grad", None) is not None]
+            real = [(p, p.main_grad) for p in self._experts[i] if getattr(p, "main_grad", None) is not None]
             swapped = _swap_parameters(self.layers[i], proxies)
             try:
                 for p, g in real:
@@ -260,6 +269,7 @@ class LayerGraphs:
                                      "path (skip_param_grad_hooks; gradient reduction not overlapped)")
                 params = tuple(p for p in layer.parameters() if p.requires_grad and id(p) not in skip_ids)
                 self._params[i] = params + ((experts._ANCHOR,) if skip_ids else ())
+                self._experts[i] = [p for p in layer.parameters() if id(p) in skip_ids]
         if MoEAuxLossAutoScaler.main_loss_backward_scale is None:  # read by the captured backward
             MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=inputs[0].device))
 
@@ -290,7 +300,7 @@ class LayerGraphs:
             return proxies, args
 
         t0 = time.perf_counter()
-        saved = [_snapshot(layer) for layer in self.layers]
+        saved = _snapshot(self.layers)
         try:
             proxies, args = surface()
             self._warm_up(fns, args, proxies)
@@ -303,8 +313,7 @@ class LayerGraphs:
                 for sw in swapped:
                     _swap_back(sw)
         finally:
-            for sv in saved:
-                _restore(sv)
+            _restore(saved)
         for i, g in enumerate(graphed):
             self._graphs[i][T] = g
         dt = time.perf_counter() - t0
@@ -343,18 +352,19 @@ def _swap_back(swapped: list) -> None:
         mod._parameters[name] = p
 
 
-def _snapshot(layer) -> list:
+def _snapshot(layers) -> list:
     """What the warm-up passes write in place besides the (redirected) experts' ``main_grad``:
     the router's buffers (expert-bias counts, diagnostics), megatron's MoE metrics, the
     ``grad_added_to_main_grad`` flags."""
-    saved = [(b, b.detach().clone()) for b in layer.buffers()]
+    saved = [(b, b.detach().clone()) for layer in layers for b in layer.buffers()]
     try:
         from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
         saved += [(e.values, e.values.detach().clone()) for e in get_moe_metrics_tracker()._metrics.values()]
     except (ImportError, AttributeError):
         pass
-    flags = [(p, p.grad_added_to_main_grad) for p in layer.parameters() if hasattr(p, "grad_added_to_main_grad")]
+    flags = [(p, p.grad_added_to_main_grad) for layer in layers for p in layer.parameters()
+             if hasattr(p, "grad_added_to_main_grad")]
     return [saved, flags]
 
 

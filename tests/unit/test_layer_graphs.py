@@ -114,3 +114,16 @@ def _cpu_fallback():
     same_grads = len(ref_grads) > 0 and all(torch.equal(a, b) and torch.equal(a, c)
                                             for a, b, c in zip(ref_grads, grads1, grads2))
     return dict(same_out=same_out, same_grads=same_grads, eager=stats, layers=len(layers), restored=restored)
+
+
+def test_layout_problems_name_each_setting():
+    """The one rule behind the flag check and the built-model check."""
+    from megatron.mcore_ext.layer_graphs import layout_problems
+
+    ok = dict(tp=1, cp=1, ep=1, pp=1, cuda=True, half=True)
+    assert layout_problems(**ok) == []
+    assert layout_problems(**dict(ok, ep=2, pp=4)) == [
+        "needs one GPU per model replica; got --expert-model-parallel-size 2, --pipeline-model-parallel-size 4 "
+        "(data parallelism is allowed)"]
+    assert [p.split(" (")[0] for p in layout_problems(**dict(ok, cuda=False, half=False))] == [
+        "needs a GPU", "needs --bf16"]
