@@ -6,7 +6,7 @@ heuristics or cuDNN plans for their shapes).
 Usage: python scripts/bench/gpu_gaps.py VARIANT LAYOUT SEQ_LENGTH SAMPLES_PER_STEP OUT_DIR [STEPS]
 e.g.   python scripts/bench/gpu_gaps.py proxy thd 4096 4 runs/prof 4   (writes OUT_DIR/trace_LAYOUT.json)
 """
-import sys, os, json, functools, collections, time
+import sys, os, json, collections, time
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [_ROOT, os.path.join(_ROOT, "examples"), os.path.join(_ROOT, "scripts", "bench")]
 import torch
@@ -19,21 +19,12 @@ variant, layout, seq, nsamp, out = sys.argv[1:6]
 steps = int(sys.argv[6]) if len(sys.argv) > 6 else 3
 args = tt.build_parser().parse_args(["--variant", variant, "--seq-length", seq, "--samples-per-step", nsamp,
                                       "--steps", str(steps + 3), "--warmup", "0"])
-from multimodal_dev.models.qwen35_vl.variants import get_variant
 from multimodal_dev import training
-from multimodal_dev.forward_step import forward_step
 from megatron.core.pipeline_parallel import get_forward_backward_func
 import megatron.core.pipeline_parallel.schedules as sch
-margs = tt.megatron_args(args, layout)
-args.seq_multiple = margs.seq_multiple
-training.initialize(margs)
-samples, provider, mix = tt.make_samples(get_variant(variant), args)
-batches, _ = tt.collate_steps(samples, provider, args, layout)
+margs, batches, (ddp, model, optimizer, scheduler) = tt.build_ours(args, layout)
 CUDA = torch.cuda.is_available()
-batches = [tt._to_device(b, torch.device("cuda" if CUDA else "cpu")) for b in batches]
-ddp, model, optimizer, scheduler = training.build_model_and_optimizer(margs)
 fb = get_forward_backward_func()
-fwd_fn = functools.partial(forward_step, use_padding_mask=True)
 orig_bwd = torch.autograd.backward
 def bwd(*a, **k):
     with record_function("PHASE:backward"):
@@ -53,9 +44,7 @@ def step(batch):
     with record_function("PHASE:zero"):
         ddp.zero_grad_buffer(); optimizer.zero_grad()
     with record_function("PHASE:fwd_bwd"):
-        fb(forward_step_func=fwd_fn, data_iterator=iter([batch]), model=[ddp], num_microbatches=1,
-           seq_length=margs.seq_length, micro_batch_size=1 if layout == "thd" else margs.micro_batch_size,
-           decoder_seq_length=None, forward_only=False)
+        tt.one_microbatch(fb, ddp, margs, batch, layout)
     with record_function("PHASE:optimizer"):
         optimizer.step(); scheduler.step(increment=1)
     with record_function("PHASE:after"):

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--thd-row-multiple", type=int, default=1024)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--reverse", action="store_true", help="compare the batches in reverse order")
-    p.add_argument("--warmup-iters", type=int, default=2, help="make_graphed_callables' warm-up iterations")
+    p.add_argument("--warmup-iters", type=int, default=2, help="LayerGraphs' warm-up passes per layer before a capture")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("layer_graphs_check needs a CUDA GPU")
@@ -39,20 +39,11 @@ def main(argv=None) -> int:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron.mcore_ext.layer_graphs import LayerGraphs
-    from multimodal_dev import training
-    from multimodal_dev.forward_step import forward_step
-    from multimodal_dev.models.qwen35_vl.variants import get_variant
 
-    margs = tt.megatron_args(targs, "thd")
-    targs.seq_multiple = margs.seq_multiple
-    training.initialize(margs)
-    samples, provider, _ = tt.make_samples(get_variant(a.variant), targs)
-    batches, _ = tt.collate_steps(samples, provider, targs, "thd", a.thd_row_multiple)
-    dev = torch.device("cuda", torch.cuda.current_device())
-    batches = [tt._to_device(b, dev) for b in batches[: a.steps]]
+    margs, batches, (ddp, model, optimizer, scheduler) = tt.build_ours(targs, "thd", a.thd_row_multiple)
+    batches = batches[: a.steps]
     if a.reverse:
         batches = batches[::-1]
-    ddp, model, optimizer, scheduler = training.build_model_and_optimizer(margs)
     model.config.finalize_model_grads_func = None  # keep NaNs visible instead of DDP's check raising
     fb = get_forward_backward_func()
     layers = list(model.language_model.decoder.layers)
@@ -74,9 +65,7 @@ def main(argv=None) -> int:
         outs.clear()
         gin.clear()
         ddp.zero_grad_buffer()
-        losses = fb(forward_step_func=functools.partial(forward_step, use_padding_mask=True),
-                    data_iterator=iter([batch]), model=[ddp], num_microbatches=1, seq_length=margs.seq_length,
-                    micro_batch_size=1, decoder_seq_length=None, forward_only=False)
+        losses = tt.one_microbatch(fb, ddp, margs, batch, "thd")
         torch.cuda.synchronize()
         s = sum(d["lm loss"].double() for d in losses)
         grads = {n: q.main_grad.detach().float().clone() for n, q in named}

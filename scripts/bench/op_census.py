@@ -8,7 +8,7 @@ metadata-only ops are not counted.
 Usage: python scripts/bench/op_census.py VARIANT LAYOUT SEQ_LENGTH SAMPLES_PER_STEP ["MEGATRON ARGS"]
 e.g.   python scripts/bench/op_census.py proxy thd 4096 4
 """
-import sys, collections, functools, time, os
+import sys, collections, time, os
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [_ROOT, os.path.join(_ROOT, "examples"), os.path.join(_ROOT, "scripts", "bench")]
 import torch
@@ -55,21 +55,10 @@ def attach(model):
 args = tt.build_parser().parse_args(["--variant", variant, "--seq-length", seq, "--samples-per-step", nsamp,
                                       "--steps", "3", "--warmup", "0"] + (["--fp32"] if not torch.cuda.is_available() else [])
                                      + (["--megatron-args=" + extra] if extra else []))
-from multimodal_dev.models.qwen35_vl.variants import get_variant
 from multimodal_dev import training
-from multimodal_dev.forward_step import forward_step
 from megatron.core.pipeline_parallel import get_forward_backward_func
-vc = get_variant(args.variant)
-margs = tt.megatron_args(args, layout)
-args.seq_multiple = margs.seq_multiple
-training.initialize(margs)
-samples, provider, mix = tt.make_samples(vc, args)
-batches, _ = tt.collate_steps(samples, provider, args, layout)
-dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-batches = [tt._to_device(b, dev) for b in batches]
-ddp, model, optimizer, scheduler = training.build_model_and_optimizer(margs)
+margs, batches, (ddp, model, optimizer, scheduler) = tt.build_ours(args, layout)
 fb = get_forward_backward_func()
-fwd = functools.partial(forward_step, use_padding_mask=True)
 import megatron.core.pipeline_parallel.schedules as sch
 orig_bwd = torch.autograd.backward
 def bwd(*a, **k):
@@ -79,9 +68,7 @@ def bwd(*a, **k):
 def step(batch):
     ddp.zero_grad_buffer(); optimizer.zero_grad()
     phase[0] = "fwd"
-    losses = fb(forward_step_func=fwd, data_iterator=iter([batch]), model=[ddp], num_microbatches=1,
-                seq_length=margs.seq_length, micro_batch_size=1 if layout == "thd" else margs.micro_batch_size,
-                decoder_seq_length=None, forward_only=False)
+    tt.one_microbatch(fb, ddp, margs, batch, layout)
     phase[0] = "opt"
     optimizer.step(); scheduler.step(increment=1)
     phase[0] = "after"

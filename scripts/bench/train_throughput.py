@@ -400,11 +400,38 @@ def megatron_args(args, layout: str):
     return parse_args(argv, world_size=1)
 
 
+def one_microbatch(fb, ddp, margs, batch: dict, layout: str, forward_only: bool = False):
+    """``batch`` (one micro-batch of the step's samples) through megatron's schedule with our
+    ``forward_step``, as ``training.train`` runs it; returns the loss dicts. Every bench and
+    profiling script runs our steps through this."""
+    from multimodal_dev.forward_step import forward_step
+
+    return fb(forward_step_func=functools.partial(forward_step, use_padding_mask=True), data_iterator=iter([batch]),
+              model=[ddp], num_microbatches=1, seq_length=margs.seq_length,
+              micro_batch_size=1 if layout == "thd" else margs.micro_batch_size, decoder_seq_length=None,
+              forward_only=forward_only)
+
+
+def build_ours(args, layout: str, row_multiple: int = 1):
+    """For the scripts that study our trainer alone (profiling, op census, graph check): the megatron
+    arguments of ``args`` (initialised), the steps' batches of ``layout`` on the device, and
+    ``training.build_model_and_optimizer``'s ``(ddp, model, optimizer, scheduler)``."""
+    from multimodal_dev import training
+    from multimodal_dev.models.qwen35_vl.variants import get_variant
+
+    margs = megatron_args(args, layout)
+    args.seq_multiple = margs.seq_multiple
+    training.initialize(margs)
+    samples, provider, _ = make_samples(get_variant(args.variant), args)
+    batches, _ = collate_steps(samples, provider, args, layout, row_multiple)
+    dev = torch.device("cuda", torch.cuda.current_device()) if _cuda() else torch.device("cpu")
+    return margs, [_to_device(b, dev) for b in batches], training.build_model_and_optimizer(margs)
+
+
 def run_ours(args, margs, batches: dict[str, list[dict]], flops, tokens, pads, peak, wanted) -> list[dict]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from multimodal_dev import training
-    from multimodal_dev.forward_step import forward_step
     from multimodal_dev.models.qwen35_vl.language import resolve_transformer_impl
 
     t0 = time.perf_counter()
@@ -416,7 +443,6 @@ def run_ours(args, margs, batches: dict[str, list[dict]], flops, tokens, pads, p
           f"memory allocated {_mem_now() or 0:.2f} GiB", flush=True)
     fb = get_forward_backward_func()
     config = model.config
-    fwd = functools.partial(forward_step, use_padding_mask=True)
     attn = {"bshd": f"{impl}: SDPA causal", "thd": f"{impl}: mask-based THD"}
     if impl == "transformer_engine":
         attn = {"bshd": "TE fused attention", "thd": "TE fused attention (THD)"}
@@ -438,10 +464,7 @@ def run_ours(args, margs, batches: dict[str, list[dict]], flops, tokens, pads, p
         try:
             for layout in ("bshd", "thd"):
                 with torch.no_grad():  # forward only (and no CUDA graph capture for it)
-                    losses = fb(forward_step_func=fwd, data_iterator=iter([batches[data_key[layout]][0]]),
-                                model=[ddp], num_microbatches=1, seq_length=margs.seq_length,
-                                micro_batch_size=1 if layout == "thd" else margs.micro_batch_size,
-                                decoder_seq_length=None, forward_only=True)
+                    losses = one_microbatch(fb, ddp, margs, batches[data_key[layout]][0], layout, forward_only=True)
                 check[layout] = loss_of(losses)
             training._moe_losses(margs, config, 1)
             print(f"ours: forward-only loss on the first step's samples: BSHD {check['bshd']:.5f}, THD {check['thd']:.5f} "
@@ -460,10 +483,7 @@ def run_ours(args, margs, batches: dict[str, list[dict]], flops, tokens, pads, p
         def step(batch, layout=layout):
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
-            losses = fb(forward_step_func=fwd, data_iterator=iter([batch]), model=[ddp], num_microbatches=1,
-                        seq_length=margs.seq_length,
-                        micro_batch_size=1 if layout == "thd" else margs.micro_batch_size,
-                        decoder_seq_length=None, forward_only=False)
+            losses = one_microbatch(fb, ddp, margs, batch, layout)
             ok, _, _ = optimizer.step()
             if ok:
                 scheduler.step(increment=1)
