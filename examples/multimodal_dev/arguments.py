@@ -1,23 +1,135 @@
-"""Command-line arguments of ``pretrain_multimodal.py`` (Megatron-style flag names).
+"""Command-line arguments of ``pretrain_multimodal.py`` (Megatron-style flag names) -> typed sections.
 
-``parse_args(argv)`` parses and validates. Every check that can be made from the flags and the
-world size alone happens in ``validate_args``, before any process group or model exists, and fails
-with a message that names the flags and what was expected.
+``parse_args(argv)`` parses, validates and returns one ``RunConfig``: the sections ``model``,
+``data``, ``layout`` (``layout.Layout``), ``optimizer``, ``checkpoint`` and ``logging``, built
+once; each part of the trainer receives its section, never the argparse namespace. Every check
+that can be made from the flags and the world size alone happens here, before any process group
+or model exists, and fails with a message that names the flags and what was expected.
+
+Settings an architecture owns (``--moe-aux-loss-coeff``, ``--moe-z-loss-coeff``,
+``--moe-router-load-balancing-type``, ``--moe-router-score-function``) default to ``None``: the
+architecture's published value (qwen35_vl: aux-loss coefficient 0.001, no z-loss, softmax); the
+trainer logs the resolved values at start.
 """
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import os
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
-__all__ = ["build_parser", "parse_args", "validate_args", "ArgumentError"]
+from multimodal_dev.layout import Layout
+from multimodal_dev.models.contract import BuildOptions, MoEOptions, resolve_transformer_impl
+
+__all__ = ["build_parser", "parse_args", "ArgumentError", "RunConfig", "ModelArgs", "DataArgs", "OptimizerArgs",
+           "CheckpointArgs", "LoggingArgs"]
 
 
 class ArgumentError(ValueError):
     """A flag, or a combination of flags, that cannot work."""
 
 
+# ------------------------------------------------------------------------------------------------
+# the typed sections
+@dataclasses.dataclass(frozen=True)
+class ModelArgs:
+    arch: str
+    variant: str
+    transformer_impl: str  # auto | local | transformer_engine (resolved when the model is built)
+    plugins: tuple[str, ...]
+    grouped_experts: bool
+    sync_free_dispatch: bool
+    chunked_lm_loss: bool
+    layout_independent_init: bool
+    padding_mask: bool  # False: --no-padding-mask (comparisons only)
+    cuda_graph_layers: bool
+    moe: MoEOptions
+
+
+@dataclasses.dataclass(frozen=True)
+class DataArgs:
+    provider: str
+    data_path: tuple[str, ...]
+    tokenizer: Optional[str]
+    micro_batch_size: int
+    global_batch_size: int
+    num_microbatches: int
+    seq_length: int  # BSHD: the row length; THD: the longest a sample may be
+    packed: bool  # THD
+    truncate: bool
+    max_bad_samples: int
+    row_multiple: int  # THD: rows padded up to a multiple of this (1: none)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerArgs:
+    lr: float
+    min_lr: float
+    warmup_iters: int
+    decay_style: str
+    decay_iters: int
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    clip_grad: float
+    use_distributed_optimizer: bool
+    override_scheduler: bool  # --override-opt-param-scheduler: the flags win over a checkpoint's schedule
+    use_checkpoint_scheduler: bool  # --use-checkpoint-opt-param-scheduler: the checkpoint's schedule wins
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointArgs:
+    save: Optional[str]
+    load: Optional[str]
+    save_interval: Optional[int]
+    exit_after_iters: Optional[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingArgs:
+    log_interval: int
+    metrics_file: Optional[str]
+    tensorboard_dir: Optional[str]
+    log_dir: Optional[str]
+    progress_bar: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelArgs
+    data: DataArgs
+    layout: Layout
+    optimizer: OptimizerArgs
+    checkpoint: CheckpointArgs
+    logging: LoggingArgs
+    train_iters: int
+    seed: int
+    bf16: bool
+
+    def build_options(self) -> BuildOptions:
+        """The trainer's side of the builder contract (``models.contract``)."""
+        m = self.model
+        return BuildOptions(
+            transformer_impl=resolve_transformer_impl(m.transformer_impl),
+            grouped_experts=m.grouped_experts,
+            sync_free_dispatch=m.sync_free_dispatch,
+            chunked_lm_loss=m.chunked_lm_loss,
+            layout_independent_init=m.layout_independent_init,
+            seed=self.seed,
+            bf16=self.bf16,
+            sequence_parallel=self.layout.sequence_parallel,
+            variable_seq_lengths=self.layout.pp > 1 and self.data.packed,  # packed micro-batches differ
+            per_token_loss=True,  # forward_step's loss normalisation
+            cpu_initialization=not _cuda_available() or m.layout_independent_init,
+            moe=m.moe,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values of every section (saved with each checkpoint)."""
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pretrain_multimodal.py",
@@ -27,11 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model-arch", default="qwen35_vl", help="architecture in the model registry")
     g.add_argument("--variant", default="tiny", help="size of the architecture (tiny, proxy, 35B-A3B, ...)")
+    g.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help="import this module (dotted name or .py file) first; it may register architectures "
+                        "and data providers (repeatable)")
     g.add_argument("--transformer-impl", default="auto", choices=["auto", "local", "transformer_engine"],
                    help="auto = Transformer Engine when importable, else the pure-PyTorch local spec")
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset-provider", default="mock", help="mock | webdataset")
+    g.add_argument("--dataset-provider", default="mock", help="mock | webdataset | a registered provider")
     g.add_argument("--data-path", nargs="*", default=[], help="WebDataset shards (files, dirs or globs)")
     g.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: the one shipped)")
     g.add_argument("--micro-batch-size", type=int, default=2, help="samples per micro-batch and DP rank")
@@ -65,22 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda-graph-layers", action="store_true",
                    help="THD on a GPU: replay each language decoder layer's forward and backward from a CUDA "
                         "graph, one per packed-row length (megatron.mcore_ext.layer_graphs); rows are padded "
-                        "up to --thd-row-multiple so that there are few lengths. Needs TP=CP=EP=PP=1, no "
-                        "dropout, no overlapped gradient reduction")
+                        "up to --thd-row-multiple so that there are few lengths. Needs TP=CP=EP=PP=1 and bf16")
     g.add_argument("--thd-row-multiple", type=int, default=None,
                    help="THD: pad each packed row up to a multiple of this many tokens, as a padding segment "
                         "of its own (default: 1024 with --cuda-graph-layers, else 1: no row padding)")
     g.add_argument("--chunked-lm-loss", action="store_true",
                    help="compute the training loss from the LM head in token chunks (megatron.mcore_ext."
-                        "lm_loss) instead of from full [tokens, vocab] logits with megatron's vocab-parallel "
-                        "cross entropy: less memory (measured on proxy, 1 H100: -2.2 GiB THD, -4.3 GiB "
-                        "BSHD), one more LM-head GEMM per step")
+                        "lm_loss) instead of from full [tokens, vocab] logits: less memory, one more LM-head "
+                        "GEMM per step (docs/performance.md)")
 
-    g = p.add_argument_group("MoE")
-    g.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2)
-    g.add_argument("--moe-z-loss-coeff", type=float, default=None)
-    g.add_argument("--moe-router-load-balancing-type", default="aux_loss",
-                   choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "none"])
+    g = p.add_argument_group("MoE (None = the architecture's value)")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=None, help="default: the architecture's (qwen35_vl: 0.001)")
+    g.add_argument("--moe-z-loss-coeff", type=float, default=None, help="default: the architecture's (qwen35_vl: none)")
+    g.add_argument("--moe-router-load-balancing-type", default=None,
+                   choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "none"],
+                   help="default: the architecture's (qwen35_vl: aux_loss)")
     g.add_argument("--moe-router-score-function", default=None, choices=["softmax", "sigmoid"],
                    help="default: the architecture's (qwen35_vl: softmax)")
     g.add_argument("--moe-router-enable-expert-bias", action="store_true",
@@ -111,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", default=None, help="checkpoint directory")
     g.add_argument("--load", default=None, help="resume from the latest complete checkpoint here")
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--override-opt-param-scheduler", action="store_true",
+                   help="on --load, take the learning-rate schedule from the flags, not from the checkpoint")
+    g.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true",
+                   help="on --load, take the learning-rate schedule from the checkpoint, not from the flags")
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--metrics-file", default=None, help="JSONL: one object per iteration (rank 0)")
     g.add_argument("--tensorboard-dir", default=None)
@@ -121,131 +239,140 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
-    """Check the flags against each other and the world size; fill derived values."""
-    ws = _world_size() if world_size is None else world_size
-    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
-    ep = args.expert_model_parallel_size
-    etp = args.expert_tensor_parallel_size if args.expert_tensor_parallel_size is not None else tp
-    for flag, v in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
-                    ("--context-parallel-size", cp), ("--expert-model-parallel-size", ep),
-                    ("--expert-tensor-parallel-size", etp), ("--micro-batch-size", args.micro_batch_size),
-                    ("--seq-length", args.seq_length), ("--train-iters", args.train_iters),
-                    ("--log-interval", args.log_interval)):
-        if v < 1:
-            raise ArgumentError(f"{flag} must be >= 1, got {v}")
-    if ws % (tp * pp * cp):
-        raise ArgumentError(
-            f"world size {ws} is not divisible by --tensor-model-parallel-size x "
-            f"--pipeline-model-parallel-size x --context-parallel-size = {tp}x{pp}x{cp}"
-        )
-    dp = ws // (tp * pp * cp)
-    if ws % (etp * ep * pp):
-        raise ArgumentError(
-            f"world size {ws} is not divisible by --expert-tensor-parallel-size x "
-            f"--expert-model-parallel-size x --pipeline-model-parallel-size = {etp}x{ep}x{pp}"
-        )
-    args.data_parallel_size = dp
-    if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size * dp
-    if args.global_batch_size % (args.micro_batch_size * dp):
-        raise ArgumentError(
-            f"--global-batch-size {args.global_batch_size} must be a multiple of --micro-batch-size x "
-            f"data-parallel size = {args.micro_batch_size}x{dp}"
-        )
-    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
-
-    if args.sequence_parallel and tp == 1:
-        raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1")
-    if tp > 1 and not args.sequence_parallel:
-        # megatron-core refuses MoE with TP but without SP during training (see MoELayer)
-        raise ArgumentError(
-            "--tensor-model-parallel-size > 1 with MoE layers needs --sequence-parallel "
-            "(megatron-core 0.19.2 does not train MoE under TP without it)"
-        )
-    if pp > 1 and args.use_packed_sequence and args.moe_token_dispatcher_type == "allgather":
-        raise ArgumentError(
-            "--pipeline-model-parallel-size > 1 with --use-packed-sequence sends micro-batches of varying "
-            "length between stages, which megatron-core's allgather dispatcher refuses: use "
-            "--moe-token-dispatcher-type alltoall"
-        )
-    if args.moe_router_enable_expert_bias and args.moe_router_score_function != "sigmoid":
-        raise ArgumentError(
-            "--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid (megatron-core's "
-            "expert bias is defined for sigmoid scores)"
-        )
-    if args.dataset_provider == "webdataset" and not args.data_path:
-        raise ArgumentError("--dataset-provider webdataset needs --data-path (tar shards, dirs or globs)")
-    if args.dataset_provider == "mock" and args.data_path:
-        raise ArgumentError("--dataset-provider mock takes no --data-path (did you mean webdataset?)")
-    if args.save_interval is not None:
-        if args.save is None:
-            raise ArgumentError("--save-interval needs --save (a checkpoint directory)")
-        if args.save_interval < 1:
-            raise ArgumentError(f"--save-interval must be >= 1, got {args.save_interval}")
-    if args.exit_after_iters is not None and args.exit_after_iters < 1:
-        raise ArgumentError(f"--exit-after-iters must be >= 1, got {args.exit_after_iters}")
-    if args.use_distributed_optimizer and not _cuda_available():
-        raise ArgumentError(
-            "--use-distributed-optimizer needs a GPU: megatron-core 0.19.2's distributed optimizer "
-            "only accepts torch.cuda tensors (the plain optimizer is used on CPU)"
-        )
-    if args.bf16 and not _cuda_available():
-        raise ArgumentError("--bf16 needs a GPU (CPU runs are fp32)")
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
-    if args.lr_warmup_iters >= max(args.lr_decay_iters, 1) and args.lr_decay_style != "constant":
-        raise ArgumentError(
-            f"--lr-warmup-iters {args.lr_warmup_iters} must be < --lr-decay-iters {args.lr_decay_iters}"
-        )
-    if args.min_lr > args.lr:
-        raise ArgumentError(f"--min-lr {args.min_lr} must not exceed --lr {args.lr}")
-    # The multiple every THD sample / BSHD row must have (zigzag CP halves, SP scatter).
-    mult = 1
-    if cp > 1:
-        mult = math.lcm(mult, 2 * cp)
-    if args.sequence_parallel:
-        mult = math.lcm(mult, cp * tp)
-    args.seq_multiple = mult
-    if args.seq_length % mult:
-        raise ArgumentError(
-            f"--seq-length {args.seq_length} must be a multiple of {mult} "
-            f"(2 x --context-parallel-size, and CP x TP with --sequence-parallel)"
-        )
-    if args.cuda_graph_layers:
-        if not args.use_packed_sequence:
-            raise ArgumentError("--cuda-graph-layers needs --use-packed-sequence (it graphs THD rows)")
-        from megatron.mcore_ext.layer_graphs import layout_problems
-
-        problems = layout_problems(tp=args.tensor_model_parallel_size, cp=args.context_parallel_size,
-                                   ep=args.expert_model_parallel_size, pp=args.pipeline_model_parallel_size,
-                                   cuda=_cuda_available(), half=args.bf16)
-        if problems:
-            raise ArgumentError("--cuda-graph-layers " + "; ".join(problems))
-    if args.thd_row_multiple is None:
-        args.thd_row_multiple = 1024 if args.cuda_graph_layers else 1
-    if args.thd_row_multiple < 1:
-        raise ArgumentError(f"--thd-row-multiple must be >= 1, got {args.thd_row_multiple}")
-    if args.thd_row_multiple > 1 and not args.use_packed_sequence:
-        raise ArgumentError("--thd-row-multiple applies to packed rows: it needs --use-packed-sequence")
-    if args.thd_row_multiple > 1 and args.thd_row_multiple % mult:
-        raise ArgumentError(
-            f"--thd-row-multiple {args.thd_row_multiple} must be a multiple of {mult} "
-            f"(2 x --context-parallel-size, and CP x TP with --sequence-parallel)"
-        )
-    return args
-
-
 def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
 
 
-def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    return validate_args(args, world_size)
+def _check_positive(**flags) -> None:
+    for flag, v in flags.items():
+        if v is not None and v < 1:
+            raise ArgumentError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+
+
+def _layout(a: argparse.Namespace, world_size: int) -> Layout:
+    try:
+        return Layout(world_size=world_size, tp=a.tensor_model_parallel_size, pp=a.pipeline_model_parallel_size,
+                      cp=a.context_parallel_size, ep=a.expert_model_parallel_size,
+                      etp=a.expert_tensor_parallel_size, sequence_parallel=a.sequence_parallel)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
+
+
+def _data(a: argparse.Namespace, layout: Layout) -> DataArgs:
+    _check_positive(micro_batch_size=a.micro_batch_size, seq_length=a.seq_length)
+    dp = layout.dp
+    gbs = a.global_batch_size if a.global_batch_size is not None else a.micro_batch_size * dp
+    if gbs % (a.micro_batch_size * dp) or gbs < 1:
+        raise ArgumentError(f"--global-batch-size {gbs} must be a multiple of --micro-batch-size x "
+                            f"data-parallel size = {a.micro_batch_size}x{dp}")
+    if a.dataset_provider == "webdataset" and not a.data_path:
+        raise ArgumentError("--dataset-provider webdataset needs --data-path (tar shards, dirs or globs)")
+    if a.dataset_provider == "mock" and a.data_path:
+        raise ArgumentError("--dataset-provider mock takes no --data-path (did you mean webdataset?)")
+    mult = layout.seq_multiple
+    why = "(2 x --context-parallel-size, and CP x TP with --sequence-parallel)"
+    if a.seq_length % mult:
+        raise ArgumentError(f"--seq-length {a.seq_length} must be a multiple of {mult} {why}")
+    row_multiple = a.thd_row_multiple if a.thd_row_multiple is not None else (1024 if a.cuda_graph_layers else 1)
+    if row_multiple < 1:
+        raise ArgumentError(f"--thd-row-multiple must be >= 1, got {row_multiple}")
+    if row_multiple > 1 and not a.use_packed_sequence:
+        raise ArgumentError("--thd-row-multiple applies to packed rows: it needs --use-packed-sequence")
+    if row_multiple > 1 and row_multiple % mult:
+        raise ArgumentError(f"--thd-row-multiple {row_multiple} must be a multiple of {mult} {why}")
+    return DataArgs(provider=a.dataset_provider, data_path=tuple(a.data_path), tokenizer=a.tokenizer,
+                    micro_batch_size=a.micro_batch_size, global_batch_size=gbs,
+                    num_microbatches=gbs // (a.micro_batch_size * dp), seq_length=a.seq_length,
+                    packed=a.use_packed_sequence, truncate=a.truncate, max_bad_samples=a.max_bad_samples,
+                    row_multiple=row_multiple)
+
+
+def _model(a: argparse.Namespace, layout: Layout) -> ModelArgs:
+    if layout.tp > 1 and not layout.sequence_parallel:
+        # megatron-core refuses MoE with TP but without SP during training (see MoELayer)
+        raise ArgumentError("--tensor-model-parallel-size > 1 with MoE layers needs --sequence-parallel "
+                            "(megatron-core 0.19.2 does not train MoE under TP without it)")
+    if layout.pp > 1 and a.use_packed_sequence and a.moe_token_dispatcher_type == "allgather":
+        raise ArgumentError(
+            "--pipeline-model-parallel-size > 1 with --use-packed-sequence sends micro-batches of varying "
+            "length between stages, which megatron-core's allgather dispatcher refuses: use "
+            "--moe-token-dispatcher-type alltoall"
+        )
+    if a.moe_router_enable_expert_bias and a.moe_router_score_function != "sigmoid":
+        raise ArgumentError("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid "
+                            "(megatron-core's expert bias is defined for sigmoid scores)")
+    if a.cuda_graph_layers:
+        if not a.use_packed_sequence:
+            raise ArgumentError("--cuda-graph-layers needs --use-packed-sequence (it graphs THD rows)")
+        from megatron.mcore_ext.layer_graphs import layout_problems
+
+        problems = layout_problems(tp=layout.tp, cp=layout.cp, ep=layout.ep, pp=layout.pp,
+                                   cuda=_cuda_available(), half=a.bf16)
+        if problems:
+            raise ArgumentError("--cuda-graph-layers " + "; ".join(problems))
+    moe = MoEOptions(aux_loss_coeff=a.moe_aux_loss_coeff, z_loss_coeff=a.moe_z_loss_coeff,
+                     load_balancing_type=a.moe_router_load_balancing_type,
+                     score_function=a.moe_router_score_function, enable_expert_bias=a.moe_router_enable_expert_bias,
+                     bias_update_rate=a.moe_router_bias_update_rate, token_dispatcher_type=a.moe_token_dispatcher_type)
+    return ModelArgs(arch=a.model_arch, variant=a.variant, transformer_impl=a.transformer_impl,
+                     plugins=tuple(a.plugin), grouped_experts=not a.no_grouped_experts,
+                     sync_free_dispatch=not a.no_sync_free_dispatch, chunked_lm_loss=a.chunked_lm_loss,
+                     layout_independent_init=a.layout_independent_init, padding_mask=not a.no_padding_mask,
+                     cuda_graph_layers=a.cuda_graph_layers, moe=moe)
+
+
+def _optimizer(a: argparse.Namespace) -> OptimizerArgs:
+    decay_iters = a.lr_decay_iters if a.lr_decay_iters is not None else a.train_iters
+    if a.lr_warmup_iters >= max(decay_iters, 1) and a.lr_decay_style != "constant":
+        raise ArgumentError(f"--lr-warmup-iters {a.lr_warmup_iters} must be < --lr-decay-iters {decay_iters}")
+    if a.min_lr > a.lr:
+        raise ArgumentError(f"--min-lr {a.min_lr} must not exceed --lr {a.lr}")
+    if a.use_distributed_optimizer and not _cuda_available():
+        raise ArgumentError("--use-distributed-optimizer needs a GPU: megatron-core 0.19.2's distributed optimizer "
+                            "only accepts torch.cuda tensors (the plain optimizer is used on CPU)")
+    if a.override_opt_param_scheduler and a.use_checkpoint_opt_param_scheduler:
+        raise ArgumentError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude "
+                            "each other (the flags' schedule or the checkpoint's)")
+    return OptimizerArgs(lr=a.lr, min_lr=a.min_lr, warmup_iters=a.lr_warmup_iters, decay_style=a.lr_decay_style,
+                         decay_iters=decay_iters, weight_decay=a.weight_decay, adam_beta1=a.adam_beta1,
+                         adam_beta2=a.adam_beta2, clip_grad=a.clip_grad,
+                         use_distributed_optimizer=a.use_distributed_optimizer,
+                         override_scheduler=a.override_opt_param_scheduler,
+                         use_checkpoint_scheduler=a.use_checkpoint_opt_param_scheduler)
+
+
+def _checkpoint(a: argparse.Namespace) -> CheckpointArgs:
+    if a.save_interval is not None:
+        if a.save is None:
+            raise ArgumentError("--save-interval needs --save (a checkpoint directory)")
+        _check_positive(save_interval=a.save_interval)
+    _check_positive(exit_after_iters=a.exit_after_iters)
+    return CheckpointArgs(save=a.save, load=a.load, save_interval=a.save_interval,
+                          exit_after_iters=a.exit_after_iters)
+
+
+def validate_args(a: argparse.Namespace, world_size: Optional[int] = None) -> RunConfig:
+    """Check the flags against each other and the world size; build the typed sections once."""
+    ws = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    _check_positive(train_iters=a.train_iters, log_interval=a.log_interval)
+    layout = _layout(a, ws)
+    if a.bf16 and not _cuda_available():
+        raise ArgumentError("--bf16 needs a GPU (CPU runs are fp32)")
+    return RunConfig(
+        model=_model(a, layout),
+        data=_data(a, layout),
+        layout=layout,
+        optimizer=_optimizer(a),
+        checkpoint=_checkpoint(a),
+        logging=LoggingArgs(log_interval=a.log_interval, metrics_file=a.metrics_file,
+                            tensorboard_dir=a.tensorboard_dir, log_dir=a.log_dir, progress_bar=not a.no_progress_bar),
+        train_iters=a.train_iters,
+        seed=a.seed,
+        bf16=a.bf16,
+    )
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> RunConfig:
+    return validate_args(build_parser().parse_args(argv), world_size)

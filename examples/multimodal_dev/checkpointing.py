@@ -36,7 +36,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "TRACKER", "COMPLETE"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "scheduler_policy", "check_scheduler",
+           "TRACKER", "COMPLETE"]
 
 log = logging.getLogger(__name__)
 
@@ -145,13 +146,8 @@ def _in_process_results_queue() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
-def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args_dict: dict, data_state: Any,
-                    crash_hook=None) -> str:
-    """Save on every rank (collective). Returns the checkpoint directory.
-
-    ``crash_hook(stage)`` (tests only) is called at "after_shards" (all shards written, marker
-    not yet) so a test can kill the process mid-save.
-    """
+def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args_dict: dict, data_state: Any) -> str:
+    """Save on every rank (collective). Returns the checkpoint directory."""
     rank = dist.get_rank()
     _in_process_results_queue()
     final, partial = _iter_dir(root, iteration), _iter_dir(root, iteration) + ".partial"
@@ -166,8 +162,6 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
     sd = _sharded_state(model, optimizer, scheduler, iteration, args_dict, rank_state, loading=False)
     dist_checkpointing.save(sd, partial)
     dist.barrier()
-    if crash_hook is not None:
-        crash_hook("after_shards")
     if rank == 0:
         with open(os.path.join(partial, COMPLETE), "w") as f:
             f.write(f"{iteration}\n")
@@ -182,8 +176,52 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
     return final
 
 
-def load_checkpoint(root: str, model, optimizer, scheduler, restore_rank_state: bool = True):
+# the learning-rate schedule: scheduler state key -> (what it is, the flags that set it)
+_SCHEDULE_FIELDS = {
+    "max_lr": ("peak learning rate", "--lr"),
+    "min_lr": ("minimum learning rate", "--min-lr"),
+    "lr_warmup_steps": ("warm-up iterations", "--lr-warmup-iters"),
+    "lr_decay_steps": ("decay iterations", "--lr-decay-iters (default: --train-iters)"),
+    "lr_decay_style": ("decay style", "--lr-decay-style"),
+    "start_wd": ("weight decay", "--weight-decay"),
+    "end_wd": ("weight decay", "--weight-decay"),
+}
+
+
+def scheduler_policy(optimizer_args) -> str:
+    """"flags" (--override-opt-param-scheduler), "checkpoint" (--use-checkpoint-opt-param-scheduler)
+    or "refuse" (neither: a difference between the two is an error)."""
+    if optimizer_args.override_scheduler:
+        return "flags"
+    return "checkpoint" if optimizer_args.use_checkpoint_scheduler else "refuse"
+
+
+def check_scheduler(saved: dict, scheduler, policy: str, path: str) -> None:
+    """Refuse a checkpoint whose learning-rate schedule differs from the flags' (``policy`` "refuse").
+
+    megatron-core's scheduler silently keeps the checkpoint's values by default: continuing a
+    150-iteration run with ``--train-iters 300`` then decays to the old horizon and trains the
+    new iterations at learning rate 0. Here the difference is named with both values and the two
+    flags that resolve it."""
+    if policy != "refuse":
+        return
+    ours = scheduler.state_dict()
+    diff = [(k, saved[k], ours[k]) for k in _SCHEDULE_FIELDS if k in saved and saved[k] != ours[k]]
+    if diff:
+        lines = "; ".join(f"{_SCHEDULE_FIELDS[k][0]} ({_SCHEDULE_FIELDS[k][1]}): checkpoint {a!r}, flags {b!r}"
+                          for k, a, b in diff)
+        raise ValueError(
+            f"--load {path}: the checkpoint's learning-rate schedule differs from the flags: {lines}. Pass "
+            "--override-opt-param-scheduler to continue with the flags' schedule, or "
+            "--use-checkpoint-opt-param-scheduler to keep the checkpoint's"
+        )
+
+
+def load_checkpoint(root: str, model, optimizer, scheduler, restore_rank_state: bool = True,
+                    scheduler_policy: str = "refuse"):
     """Load the newest complete checkpoint under ``root`` into model, optimizer and scheduler.
+
+    ``scheduler_policy``: see ``check_scheduler`` (checked before any tensor is read).
 
     Returns ``(iteration, data_state, saved_args)``, or ``(0, None, None)`` when there is none.
     ``data_state`` is this rank's data position when the world size matches, else None.
@@ -194,6 +232,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, restore_rank_state: 
         return 0, None, None
     path = _iter_dir(root, it)
     common = dist_checkpointing.load_common_state_dict(path)
+    check_scheduler(common["scheduler"], scheduler, scheduler_policy, path)
     same_world = int(common.get("world_size", -1)) == dist.get_world_size()
     if not same_world:
         log.warning(

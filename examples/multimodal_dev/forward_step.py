@@ -6,8 +6,10 @@
   position ids and packed-sequence boundaries drive attention on every stage, and the padding mask
   must reach every stage that holds MoE layers, or their routers would count padding silently.
   (Each stage reads the same deterministic data stream of its data-parallel rank.)
-* ``forward_step(data_iterator, model)`` returns ``(output, loss_func)``; the model splits the
-  batch for context parallelism itself (``MultimodalModel._cp_split_for_forward``).
+* ``forward_step(data_iterator, model)`` returns ``(output, loss_func)``. It computes the
+  micro-batch's context-parallel index once (``cp_split.cp_partition_index``); the model splits
+  its embeddings and per-token tensors with it, and the loss function gets the loss mask split
+  with the same index.
 * ``loss_func`` returns ``(masked loss sum, valid-token count, {"lm loss": [sum, count]})``: with
   ``calculate_per_token_loss=True`` megatron-core's schedules add the counts over micro-batches and
   ``finalize_model_grads`` divides the gradients by the token count summed over DP x CP, so every
@@ -23,7 +25,7 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state as ps
 
-from megatron.mcore_ext.cp_split import split_batch_for_cp
+from megatron.mcore_ext.cp_split import cp_partition_index
 
 __all__ = ["get_batch", "broadcast_batch", "forward_step", "loss_func"]
 
@@ -77,16 +79,10 @@ def get_batch(data_iterator: Optional[Iterator[dict]]) -> dict:
     return broadcast_batch(batch, ps.get_tensor_model_parallel_src_rank(), ps.get_tensor_model_parallel_group())
 
 
-def _local_loss_mask(batch: dict) -> torch.Tensor:
-    """The loss mask in the model output's layout ([b, s / CP]): the same CP index as the model's."""
+def cp_index(batch: dict) -> Optional[torch.Tensor]:
+    """This CP rank's token index into the micro-batch (None without context parallelism)."""
     cp = ps.get_context_parallel_world_size()
-    if cp == 1:
-        return batch["loss_mask"]
-    part = {"loss_mask": batch["loss_mask"]}
-    for k in ("cu_seqlens", "cu_seqlens_padded"):
-        if batch.get(k) is not None:
-            part[k] = batch[k]
-    return split_batch_for_cp(part, cp, ps.get_context_parallel_rank())["loss_mask"]
+    return None if cp == 1 else cp_partition_index(batch, cp, ps.get_context_parallel_rank())
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -113,5 +109,7 @@ def forward_step(data_iterator, model, *, use_padding_mask: bool = True, batch_h
         batch_hook(batch)
     if not use_padding_mask:
         batch = dict(batch, padding_mask=None)
-    output = model(batch)
-    return output, functools.partial(loss_func, _local_loss_mask(batch))
+    index = cp_index(batch)
+    loss_mask = batch["loss_mask"] if index is None else batch["loss_mask"].index_select(-1, index)
+    output = model(batch, cp_index=index)
+    return output, functools.partial(loss_func, loss_mask)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
-
-# megatron-core warns at import that TE/apex are absent; they are optional accelerators here.
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex|absl).*")
 
 if __package__ in (None, ""):  # run as a file: make `multimodal_dev` importable from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from multimodal_dev.startup import quiet_imports  # noqa: E402
+
+quiet_imports()  # before megatron is imported: one line of ours instead of its warnings
 
 from multimodal_dev.training import main  # noqa: E402
 

@@ -13,8 +13,6 @@ drop-in ``core_attention`` for a layer spec (see ``megatron.mcore_ext.spec.local
   differentiable all-gather (backward: reduce-scatter of the K/V gradients), and the causal mask is
   built from the tokens' *global* positions, so the result equals unsplit attention exactly.
 * GQA: K/V heads are repeated to the query heads.
-* THD RoPE: when ``PackedRopeSelfAttention`` hands over the per-token angles (``packed_rope``),
-  they are applied here to the whole packed row at once.
 
 The mask-based path materialises a [q, k] boolean mask: right for tests and small runs on CPU. On
 GPU, BSHD without CP takes SDPA's ``is_causal`` (flash) path and THD without CP (fp16/bf16) takes
@@ -30,7 +28,6 @@ import torch
 import torch.distributed as dist
 
 from megatron.mcore_ext.cp_split import thd_partition_index, zigzag_index
-from megatron.mcore_ext.packed_rope import ROTARY_ATTR, apply_packed_rope
 
 __all__ = ["TorchDotProductAttention", "all_gather_along_dim0", "varlen_thd_attention", "varlen_available"]
 
@@ -262,11 +259,6 @@ class TorchDotProductAttention(torch.nn.Module):
 
     def _forward_thd(self, q, k, v, psp, causal):
         # [t, h, d]; boundaries of the padded samples are global (unsplit) positions
-        rotary = getattr(psp, ROTARY_ATTR, None)
-        if rotary is not None:  # left to us by PackedRopeSelfAttention: the whole row in one pass
-            q_freqs, k_freqs, interleaved, mscale = rotary
-            q = apply_packed_rope(q, q_freqs, interleaved, mscale)
-            k = apply_packed_rope(k, k_freqs, interleaved, mscale)
         cu_q = psp.cu_seqlens_q_padded if psp.cu_seqlens_q_padded is not None else psp.cu_seqlens_q
         cu_k = psp.cu_seqlens_kv_padded if psp.cu_seqlens_kv_padded is not None else psp.cu_seqlens_kv
         if cu_q is None or cu_k is None:

@@ -127,6 +127,7 @@ PER_TOKEN_SEQ_DIM: dict[str, int] = {
     "loss_mask": -1,
     "padding_mask": -1,
     "position_ids": -1,
+    "sequence_ids": -1,
     "decoder_input": 0,
     "embeddings": 0,
 }

@@ -10,13 +10,14 @@ docs/performance.md).
 
 Our models compute the angles per token (MRoPE position ids are per token already), so for a
 packed row the angle of token ``i`` is row ``i`` of the angle tensor, and megatron's per-sample
-loop computes exactly ``_apply_rotary_pos_emb_bshd(t.unsqueeze(1), freqs)``. ``PackedRopeSelfAttention``
-(a ``SelfAttention`` swapped in through the spec, see ``spec.local_spec``) hands the angles to our
-core attention (``TorchDotProductAttention``) instead, which applies them to the whole packed row
-in one pass with the same megatron function. This needs the angles of *this rank's* tokens in
-their local order (under context parallelism too): ``Qwen35GPTModel`` produces them that way when
-``takes_local_thd_angles`` says every attention layer is ours. Anything else (BSHD, inference,
-fused RoPE, angles of another length, another core attention) takes megatron's own path unchanged.
+loop computes exactly ``_apply_rotary_pos_emb_bshd(t.unsqueeze(1), freqs)``. ``PackedRopeSelfAttention`` (a
+``SelfAttention`` swapped in through the spec, see ``spec.local_spec``) therefore rotates the
+query and the key of the whole packed row in one pass right after its QKV projection
+(``get_query_key_value_tensors``) and hands megatron's forward no angles, whatever core attention
+follows. This needs the angles of *this rank's* tokens in their local order (under context
+parallelism too): a model produces them that way when ``takes_local_thd_angles`` says every
+attention layer is ours. Anything else (BSHD, inference, fused RoPE, angles of another length)
+takes megatron's own path unchanged.
 
 The rotation itself (``apply_packed_rope``) runs as one small autograd function,
 ``out = t * C + t[..., P] * S``, with ``C``/``S`` the cosines / signed sines widened to the head
@@ -30,17 +31,13 @@ gradients; an inf on a pass-through dim would become NaN through its ``* 0`` ter
 """
 from __future__ import annotations
 
-import copy
 import weakref
 
 import torch
 
 from megatron.core.transformer.attention import SelfAttention
 
-__all__ = ["PackedRopeSelfAttention", "ROTARY_ATTR", "apply_packed_rope", "rope_tables", "takes_local_thd_angles"]
-
-#: attribute of the (copied) ``PackedSeqParams`` that carries ``(q_freqs, k_freqs, interleaved, mscale)``
-ROTARY_ATTR = "mmdev_packed_rotary"
+__all__ = ["PackedRopeSelfAttention", "apply_packed_rope", "rope_tables", "takes_local_thd_angles"]
 
 
 _TABLES: dict = {}  # one entry: the tables of the angle tensor in use (see rope_tables)
@@ -113,22 +110,32 @@ def apply_packed_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool, m
 
 
 class PackedRopeSelfAttention(SelfAttention):
-    """``SelfAttention`` that leaves THD RoPE to our core attention (one pass, no host syncs)."""
+    """``SelfAttention`` that rotates packed (THD) queries and keys itself: one pass, no host syncs."""
+
+    _pending_rope = None  # (q_freqs, k_freqs) for the projection of the current forward call
 
     def _packed_rope_applies(self, rotary_pos_emb, packed_seq_params, inference_context, hidden_states) -> bool:
-        from megatron.mcore_ext.attention import TorchDotProductAttention
-
         if rotary_pos_emb is None or packed_seq_params is None or packed_seq_params.qkv_format != "thd":
             return False
         if inference_context is not None or self.config.apply_rope_fusion or self.config.flash_decode:
-            return False
-        if not isinstance(self.core_attention, TorchDotProductAttention):
             return False
         freqs = rotary_pos_emb if isinstance(rotary_pos_emb, torch.Tensor) else rotary_pos_emb[0]
         tokens = hidden_states.shape[0] * hidden_states.shape[1]
         if self.config.sequence_parallel:
             tokens *= self.pg_collection.tp.size()
         return freqs.dim() == 4 and freqs.shape[0] == tokens
+
+    def get_query_key_value_tensors(self, *args, **kwargs):
+        out = super().get_query_key_value_tensors(*args, **kwargs)
+        if self._pending_rope is None:
+            return out
+        q_freqs, k_freqs = self._pending_rope
+        query, key, *rest = out  # [t, 1, heads, dim] each
+        mscale = self._yarn_concentration_factor
+        interleaved = self.config.rotary_interleaved
+        query = apply_packed_rope(query.squeeze(1), q_freqs, interleaved, mscale).unsqueeze(1)
+        key = apply_packed_rope(key.squeeze(1), k_freqs, interleaved, mscale).unsqueeze(1)
+        return (query, key, *rest)
 
     def forward(
         self,
@@ -149,39 +156,37 @@ class PackedRopeSelfAttention(SelfAttention):
         if inference_params is None and self._packed_rope_applies(
             rotary_pos_emb, packed_seq_params, inference_context, hidden_states
         ):
-            q_freqs, k_freqs = (
+            self._pending_rope = (
                 (rotary_pos_emb, rotary_pos_emb) if isinstance(rotary_pos_emb, torch.Tensor) else rotary_pos_emb
             )
-            packed_seq_params = copy.copy(packed_seq_params)  # shallow: no __post_init__ rerun
-            setattr(packed_seq_params, ROTARY_ATTR,
-                    (q_freqs, k_freqs, self.config.rotary_interleaved, self._yarn_concentration_factor))
             rotary_pos_emb = None
-        return super().forward(
-            hidden_states,
-            attention_mask,
-            key_value_states=key_value_states,
-            inference_context=inference_context,
-            rotary_pos_emb=rotary_pos_emb,
-            rotary_pos_cos=rotary_pos_cos,
-            rotary_pos_sin=rotary_pos_sin,
-            rotary_pos_cos_sin=rotary_pos_cos_sin,
-            attention_bias=attention_bias,
-            packed_seq_params=packed_seq_params,
-            sequence_len_offset=sequence_len_offset,
-            inference_params=inference_params,
-        )
+        try:
+            return super().forward(
+                hidden_states,
+                attention_mask,
+                key_value_states=key_value_states,
+                inference_context=inference_context,
+                rotary_pos_emb=rotary_pos_emb,
+                rotary_pos_cos=rotary_pos_cos,
+                rotary_pos_sin=rotary_pos_sin,
+                rotary_pos_cos_sin=rotary_pos_cos_sin,
+                attention_bias=attention_bias,
+                packed_seq_params=packed_seq_params,
+                sequence_len_offset=sequence_len_offset,
+                inference_params=inference_params,
+            )
+        finally:
+            self._pending_rope = None
 
 
 def takes_local_thd_angles(module: torch.nn.Module) -> bool:
-    """True when every self-attention in ``module`` is a ``PackedRopeSelfAttention`` with our core
-    attention (so THD angles should stay in this rank's local token order); False when there is
-    none or any other kind."""
-    from megatron.mcore_ext.attention import TorchDotProductAttention
-
+    """True when every self-attention in ``module`` is a ``PackedRopeSelfAttention`` (so THD
+    angles should stay in this rank's local token order); False when there is none or any other
+    kind."""
     found = False
     for m in module.modules():
         if isinstance(m, SelfAttention):
-            if not (isinstance(m, PackedRopeSelfAttention) and isinstance(m.core_attention, TorchDotProductAttention)):
+            if not isinstance(m, PackedRopeSelfAttention):
                 return False
             found = True
     return found

@@ -17,21 +17,22 @@ DDP average over CP in ``MoEAuxLossAutoScaler``'s scale). What this module chang
   of nothing but padding gives 0, not 0/0.
 * seq_aux_loss: per sequence, each sequence normalised by its *own* valid token count (upstream
   uses the average over the batch, which is wrong when sequences are padded differently). For
-  packed (THD) batches, ``sequence_ids(...)`` tells the router which packed sample a token is in.
+  packed (THD) batches the model tells each router which packed sample a token is in
+  (``set_sequence_ids``: the collate's ``sequence_ids``, split and scattered like the tokens).
 * global_aux_loss: counts and denominator over TP x DP x CP, accumulated over micro-batches; the
   attached loss is scaled by the DP size because DDP *averages* router grads over DP while the
   per-rank partials are shares of one global loss (upstream's gradient is 1/DP of its logged loss).
 * expert bias: ``local_tokens_per_expert`` counts valid tokens only (upstream crashes here: it ands
   a [tokens, experts] map with a [tokens] mask). finalize_model_grads sums it over TP x DP x CP.
 * diagnostics (on by default, cheap): per layer, tokens per expert and the router entropy from the
-  clean probabilities (before input jitter and expert bias), valid tokens only; see
-  ``collect_router_diagnostics``.
+  clean probabilities (before input jitter and expert bias), valid tokens only
+  (``router_diagnostics``).
+
+``LOAD_BALANCING_METRICS`` / ``Z_LOSS_METRIC``: the names under which the losses are recorded in
+megatron's MoE metrics tracker, one table for the router and the trainer's metrics.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import math
 from typing import Optional
 
 import torch
@@ -40,41 +41,25 @@ import torch.distributed as dist
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import TopKRouter
 
-try:  # 0.19.2: the metrics tracker lives in moe_logging
-    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
-except ImportError:  # pragma: no cover - older layouts
-    get_moe_metrics_tracker = None
+from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+from megatron.mcore_ext.router_diagnostics import RoutingDiagnostics, collect_router_diagnostics
 
 __all__ = [
     "PaddingAwareTopKRouter",
-    "sequence_ids",
     "use_padding_aware_router",
     "collect_router_diagnostics",
-    "RouterDiagnostics",
+    "LOAD_BALANCING_METRICS",
+    "Z_LOSS_METRIC",
 ]
 
-_SEQUENCE_IDS: contextvars.ContextVar = contextvars.ContextVar("mcore_ext_router_sequence_ids", default=None)
-
-
-@contextlib.contextmanager
-def sequence_ids(ids: Optional[torch.Tensor], num_sequences: Optional[int] = None):
-    """Tell routers which sequence each token belongs to (for ``seq_aux_loss`` on packed batches).
-
-    ``ids``: long tensor laid out like the router's tokens (``[s, b]`` as the decoder sees them,
-    i.e. after the CP split and, with sequence parallelism, after the SP scatter), values in
-    ``[0, num_sequences)``. ``num_sequences`` must be the same on every rank of the TP x CP group
-    (the number of packed samples of the micro-batch); default ``ids.max() + 1``.
-    Without this context a BSHD batch's sequences are its batch columns.
-    """
-    if ids is None:
-        yield
-        return
-    n = int(ids.max()) + 1 if num_sequences is None else int(num_sequences)
-    token = _SEQUENCE_IDS.set((ids, n))
-    try:
-        yield
-    finally:
-        _SEQUENCE_IDS.reset(token)
+#: --moe-router-load-balancing-type -> the name its loss is recorded under (megatron's tracker)
+LOAD_BALANCING_METRICS = {
+    "aux_loss": "load_balancing_loss",
+    "seq_aux_loss": "seq_load_balancing_loss",
+    "global_aux_loss": "global_load_balancing_loss",
+}
+Z_LOSS_METRIC = "z_loss"
 
 
 def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
@@ -107,13 +92,26 @@ class PaddingAwareTopKRouter(TopKRouter):
         super().__init__(*args, **kwargs)
         E = self.config.num_moe_experts
         dev = self.weight.device
-        self.register_buffer("diag_tokens_per_expert", torch.zeros(E, dtype=torch.float64, device=dev), persistent=False)
-        self.register_buffer("diag_entropy_sum", torch.zeros((), dtype=torch.float64, device=dev), persistent=False)
-        self.register_buffer("diag_valid_tokens", torch.zeros((), dtype=torch.float64, device=dev), persistent=False)
+        self.diagnostics = RoutingDiagnostics(E, device=dev)
         # running valid-token total for global_aux_loss (upstream normalises the running expert
         # counts by the *current* micro-batch's token count)
         self.register_buffer("global_valid_tokens", torch.zeros((), dtype=torch.float32, device=dev), persistent=False)
         self._clean_logits = None
+        self._sequence_ids: Optional[tuple[torch.Tensor, int]] = None
+
+    def set_sequence_ids(self, ids: Optional[torch.Tensor], num_sequences: Optional[int] = None) -> None:
+        """Which packed sample each of this router's tokens is in, for ``seq_aux_loss``.
+
+        ``ids``: long ``[s, b]`` laid out like the router's tokens (after the CP split and the
+        sequence-parallel scatter), values in ``[0, num_sequences)``; ``num_sequences`` is the
+        same on every rank of the TP x CP group (default ``ids.max() + 1``). ``None``: a BSHD
+        batch, whose sequences are its batch columns. The model sets this before every forward;
+        it stays until the next one replaces it (an activation-recomputed forward sees it)."""
+        if ids is None:
+            self._sequence_ids = None
+            return
+        n = int(ids.max()) + 1 if num_sequences is None else int(num_sequences)
+        self._sequence_ids = (ids, n)
 
     # ------------------------------------------------------------------ forward / diagnostics
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
@@ -145,7 +143,8 @@ class PaddingAwareTopKRouter(TopKRouter):
             return self._fast_routing(logits, padding_mask)
         if self._diagnostics_on():
             clean = self._clean_logits if self._clean_logits is not None else logits
-            self._record(clean.reshape(-1, self.config.num_moe_experts), padding_mask)
+            self.diagnostics.add_entropy_of_logits(clean.reshape(-1, self.config.num_moe_experts),
+                                                   self.score_function, padding_mask)
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         if self._masks_dispatch(padding_mask):
             # Padded tokens go to no expert: no expert FLOPs, no dispatch traffic. (The aux losses
@@ -219,54 +218,23 @@ class PaddingAwareTopKRouter(TopKRouter):
             n_group = c.sum() / k  # valid tokens of the TP x CP group (each is routed to k experts)
             # _lbl_partial with one group: E * sum_i c_i / (k T) * p_i / T (0 when T == 0: c == 0)
             partial = torch.dot(c, p_local) * (E / k) / n_group.clamp_min(1.0).square()
-            probs = self._attach(probs, coeff, partial, "load_balancing_loss", self.tp_cp_group, True, n_group)
+            probs = self._attach(probs, coeff=coeff, partial=partial, name=LOAD_BALANCING_METRICS["aux_loss"],
+                                 reduce_group=self.tp_cp_group, needs_dp_avg=True, group_valid=n_group)
         if diag_on:
             with torch.no_grad():
                 clean = scores if self._clean_logits is None else torch.softmax(
                     self._clean_logits.reshape(-1, E), dim=-1, dtype=torch.float32)
                 ent = torch.special.entr(clean).sum(-1)
                 if valid_f is None:
-                    self.diag_entropy_sum += ent.sum()
-                    self.diag_valid_tokens += ent.shape[0]
+                    self.diagnostics.add(counts=counts, entropy_sum=ent.sum(), valid_tokens=ent.shape[0])
                 else:
-                    self.diag_entropy_sum += torch.dot(ent, valid_f)
-                    self.diag_valid_tokens += valid.sum()
-                self.diag_tokens_per_expert += counts
+                    self.diagnostics.add(counts=counts, entropy_sum=torch.dot(ent, valid_f), valid_tokens=valid.sum())
         return probs, (valid_map if masked else routing_map)
 
     def _diagnostics_on(self) -> bool:
         # Like the expert-bias counts: not in the no-grad first pass of activation recomputation
         # (the recomputed pass counts), but yes in evaluation.
         return self.record_diagnostics and (torch.is_grad_enabled() or not self.training)
-
-    @torch.no_grad()
-    def _record(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
-        """Accumulate the entropy of the clean routing distribution over valid tokens.
-
-        (Tokens per expert are counted from the dispatch map, in ``_count_dispatched``.)"""
-        logits = logits.float()
-        if self.score_function == "softmax":
-            p = torch.softmax(logits, dim=-1)
-        elif self.score_function == "sigmoid":
-            p = torch.sigmoid(logits)
-            p = p / (p.sum(-1, keepdim=True) + 1e-20)
-        else:  # sqrtsoftplus
-            p = torch.nn.functional.softplus(logits).sqrt()
-            p = p / (p.sum(-1, keepdim=True) + 1e-20)
-        valid = torch.ones(p.shape[0], dtype=torch.bool, device=p.device) if padding_mask is None else ~padding_mask.reshape(-1)
-        ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
-        self.diag_entropy_sum += (ent * valid).sum().double()
-        self.diag_valid_tokens += valid.sum().double()
-
-    def _count_dispatched(self, routing_map: torch.Tensor, padding_mask: Optional[torch.Tensor]):
-        if self._diagnostics_on():
-            rm = routing_map if padding_mask is None else routing_map & ~padding_mask.reshape(-1, 1)
-            self.diag_tokens_per_expert += rm.sum(0).double()
-
-    def reset_diagnostics(self):
-        self.diag_tokens_per_expert.zero_()
-        self.diag_entropy_sum.zero_()
-        self.diag_valid_tokens.zero_()
 
     # ------------------------------------------------------------------ z-loss
     def apply_z_loss(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
@@ -288,7 +256,7 @@ class PaddingAwareTopKRouter(TopKRouter):
         else:
             attached = partial
         logits = MoEAuxLossAutoScaler.apply(logits, attached)
-        self._record_metric("z_loss", partial / coeff, reduce_group=self.tp_cp_group, needs_dp_avg=True)
+        self._record_metric(Z_LOSS_METRIC, partial / coeff, reduce_group=self.tp_cp_group, needs_dp_avg=True)
         return logits
 
     # ------------------------------------------------------------------ load-balancing losses
@@ -296,6 +264,7 @@ class PaddingAwareTopKRouter(TopKRouter):
         self,
         scores: torch.Tensor,
         routing_map: torch.Tensor,
+        *,
         reduce_group,
         group_ids: Optional[torch.Tensor] = None,
         num_groups: int = 1,
@@ -344,7 +313,7 @@ class PaddingAwareTopKRouter(TopKRouter):
             return 1.0 / self.config.mtp_num_layers
         return 1.0
 
-    def _attach(self, probs, coeff, partial, name, reduce_group, needs_dp_avg, group_valid, grad_scale=1.0):
+    def _attach(self, probs, *, coeff, partial, name, reduce_group, needs_dp_avg, group_valid, grad_scale=1.0):
         if self._mtp_scale() != 1.0:
             partial = partial * self._mtp_scale()
         self._record_metric(name, partial, reduce_group=reduce_group, needs_dp_avg=needs_dp_avg)
@@ -362,47 +331,51 @@ class PaddingAwareTopKRouter(TopKRouter):
         coeff = self.get_aux_loss_coeff("aux_loss")
         if coeff == 0:
             return probs
-        partial, n_group = self._lbl_partial(scores_for_aux_loss, routing_map, self.tp_cp_group)
-        return self._attach(probs, coeff, partial, "load_balancing_loss", self.tp_cp_group, True, n_group)
+        partial, n_group = self._lbl_partial(scores_for_aux_loss, routing_map, reduce_group=self.tp_cp_group)
+        return self._attach(probs, coeff=coeff, partial=partial, name=LOAD_BALANCING_METRICS["aux_loss"],
+                            reduce_group=self.tp_cp_group, needs_dp_avg=True, group_valid=n_group)
 
     def _apply_seq_aux_loss(self, probs, scores_for_aux_loss, routing_map, seq_length, bsz, with_padding_mask=False):
         coeff = self.get_aux_loss_coeff("seq_aux_loss")
         if coeff == 0:
             return probs
-        ctx = _SEQUENCE_IDS.get()
-        if ctx is not None:
-            ids, n = ctx
+        if self._sequence_ids is not None:
+            ids, n = self._sequence_ids
             ids = ids.reshape(-1).to(routing_map.device, torch.long)
             if ids.numel() != routing_map.shape[0]:
                 raise ValueError(
-                    f"sequence_ids has {ids.numel()} entries but the router has {routing_map.shape[0]} "
-                    "tokens; give ids in the router's layout (after CP split and SP scatter)"
+                    f"the sequence ids have {ids.numel()} entries but the router has {routing_map.shape[0]} "
+                    "tokens; set_sequence_ids takes them in the router's layout (after CP split and SP scatter)"
                 )
         else:  # BSHD: token t of the flattened [s, b] is in sequence t % b
             ids = torch.arange(routing_map.shape[0], device=routing_map.device) % bsz
             n = bsz
-        partial, n_group = self._lbl_partial(scores_for_aux_loss, routing_map, self.tp_cp_group, ids, n)
-        return self._attach(probs, coeff, partial, "seq_load_balancing_loss", self.tp_cp_group, True, n_group)
+        partial, n_group = self._lbl_partial(scores_for_aux_loss, routing_map, reduce_group=self.tp_cp_group,
+                                             group_ids=ids, num_groups=n)
+        return self._attach(probs, coeff=coeff, partial=partial, name=LOAD_BALANCING_METRICS["seq_aux_loss"],
+                            reduce_group=self.tp_cp_group, needs_dp_avg=True, group_valid=n_group)
 
     def _apply_global_aux_loss(self, probs, scores_for_aux_loss, routing_map, with_padding_mask=False):
         coeff = self.get_aux_loss_coeff("global_aux_loss")
         if coeff == 0:
             return probs
         partial, n_group = self._lbl_partial(
-            scores_for_aux_loss, routing_map, self.tp_dp_cp_group, accumulate=True
+            scores_for_aux_loss, routing_map, reduce_group=self.tp_dp_cp_group, accumulate=True
         )
         # Partials sum over TP x DP x CP to the global loss; DDP averages router grads over DP, so
         # the gradient-carrying copy is scaled by the DP size (CP is compensated by megatron's
         # aux-loss scale; with calculate_per_token_loss grads are summed, see _attach).
         dp = _group_size(self.tp_dp_cp_group) // max(1, _group_size(self.tp_cp_group))
         return self._attach(
-            probs, coeff, partial, "global_load_balancing_loss", self.tp_dp_cp_group, False, n_group, grad_scale=dp
+            probs, coeff=coeff, partial=partial, name=LOAD_BALANCING_METRICS["global_aux_loss"],
+            reduce_group=self.tp_dp_cp_group, needs_dp_avg=False, group_valid=n_group, grad_scale=dp,
         )
 
     # ------------------------------------------------------------------ expert bias
     def _apply_expert_bias(self, routing_map: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         # Called once per routing() with the dispatch map: count it for the diagnostics too.
-        self._count_dispatched(routing_map, padding_mask)
+        if self._diagnostics_on():
+            self.diagnostics.add_dispatched(routing_map, padding_mask)
         if self.enable_expert_bias and torch.is_grad_enabled():
             with torch.no_grad():
                 if padding_mask is not None:
@@ -410,9 +383,7 @@ class PaddingAwareTopKRouter(TopKRouter):
                 self.local_tokens_per_expert += routing_map.sum(dim=0)
 
     # ------------------------------------------------------------------ logging
-    def _record_metric(self, name, value, reduce_group, needs_dp_avg):
-        if get_moe_metrics_tracker is None:
-            return
+    def _record_metric(self, name, value, *, reduce_group, needs_dp_avg):
         num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
         layer_number = self.layer_number + (self.config.num_layers if self.is_mtp_layer else 0)
         get_moe_metrics_tracker().record(
@@ -425,47 +396,3 @@ def use_padding_aware_router(spec):
     from megatron.mcore_ext.spec import replace_modules
 
     return replace_modules(spec, {TopKRouter: PaddingAwareTopKRouter})
-
-
-class RouterDiagnostics(dict):
-    """Per MoE layer (in layer order): tokens_per_expert, entropy, load_balance, max_min_ratio."""
-
-
-@torch.no_grad()
-def collect_router_diagnostics(model, reset: bool = True) -> list[dict]:
-    """Reduce every PaddingAwareTopKRouter's accumulated statistics to global values.
-
-    Token counts and entropy sums are summed over the ranks that hold *different* tokens: DP x CP,
-    and TP when sequence parallelism is on (without it the TP ranks see the same tokens). Must be
-    called on every rank of those groups. Returns one dict per MoE layer:
-      layer, tokens_per_expert (list), valid_tokens, entropy (mean nats per valid token, from the
-      clean probabilities), load_balance (mean / max expert load: 1.0 = perfect balance, 1/E = all
-      on one expert), max_min_ratio (max / min expert load; inf if an expert got nothing).
-    """
-    from megatron.core import parallel_state as ps
-
-    routers = [m for m in model.modules() if isinstance(m, PaddingAwareTopKRouter)]
-    out = []
-    for r in routers:
-        seq_parallel = bool(r.config.sequence_parallel)
-        packed = torch.cat([r.diag_tokens_per_expert, r.diag_entropy_sum[None], r.diag_valid_tokens[None]])
-        group = ps.get_data_parallel_group(with_context_parallel=True)
-        packed = _all_reduce(packed, group)
-        if seq_parallel:
-            packed = _all_reduce(packed, ps.get_tensor_model_parallel_group())
-        tpe = packed[:-2]
-        valid = float(packed[-1])
-        mean_load, max_load, min_load = float(tpe.mean()), float(tpe.max()), float(tpe.min())
-        out.append(
-            {
-                "layer": r.layer_number,
-                "tokens_per_expert": [int(round(x)) for x in tpe.tolist()],
-                "valid_tokens": int(round(valid)),
-                "entropy": float(packed[-2]) / valid if valid > 0 else 0.0,
-                "load_balance": mean_load / max_load if max_load > 0 else 1.0,
-                "max_min_ratio": (max_load / min_load) if min_load > 0 else (math.inf if max_load > 0 else 1.0),
-            }
-        )
-        if reset:
-            r.reset_diagnostics()
-    return out

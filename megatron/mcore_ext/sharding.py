@@ -1,15 +1,16 @@
 """Where each local parameter sits in its global (unsharded) tensor, from megatron's sharded state dict.
 
 Used to give a model layout-independent weights (``layout_independent_init``: the same global
-weights whatever TP / EP / PP layout holds them) and by the multi-rank test harness to compare
-and load global tensors.
+weights whatever TP / EP / PP layout holds them), to read a rank's slices out of whole tensors
+(``load_global_tensors`` / ``local_slices``: converted checkpoints, tests) and to gather a rank's
+slices by global key (``global_tensors``: comparing layouts).
 """
 from __future__ import annotations
 
 import zlib
 from typing import Any
 
-__all__ = ["parameter_placements", "layout_independent_init"]
+__all__ = ["parameter_placements", "layout_independent_init", "global_tensors", "load_global_tensors", "local_slices"]
 
 
 def parameter_placements(model) -> dict[str, list[tuple[str, tuple, tuple, tuple]]]:
@@ -90,3 +91,71 @@ def layout_independent_init(model, seed: int, include=lambda name: True) -> int:
                 p[local_idx].copy_(full[idx].to(p.dtype))
             n += 1
     return n
+
+
+def _state_tensors(model) -> dict[str, Any]:
+    """Parameters and buffers by name (``sharded_state_dict`` also holds persistent buffers such
+    as the router's ``expert_bias``)."""
+    out = dict(model.named_buffers())
+    out.update(model.named_parameters())
+    return out
+
+
+def global_tensors(model, which: str = "data") -> dict[str, Any]:
+    """Gather a model's parameters and persistent buffers (``which="data"``) or the parameters'
+    grads (``"grad"``) by global key.
+
+    In one process this gives full tensors; on a sharded rank only the local slices are filled
+    (the rest is NaN), which is enough to compare slices or to feed ``load_global_tensors``.
+    """
+    import torch
+
+    tensors = _state_tensors(model)
+    full: dict[str, torch.Tensor] = {}
+    for name, placed in parameter_placements(model).items():
+        t = tensors[name]
+        src = t if which == "data" else getattr(t, "grad", None)
+        if src is None:
+            continue
+        for key, idx, shape, local_idx in placed:
+            g = full.setdefault(key, torch.full(shape, float("nan"), dtype=src.dtype))
+            g[idx] = src.detach()[local_idx]
+    return full
+
+
+def load_global_tensors(model, full: dict[str, Any]) -> None:
+    """Copy every parameter's (and persistent buffer's, where given) slice out of global tensors."""
+    import torch
+
+    params = _state_tensors(model)
+    param_names = {n for n, _ in model.named_parameters()}
+    with torch.no_grad():
+        for name, placed in parameter_placements(model).items():
+            for key, idx, shape, local_idx in placed:
+                if key not in full:
+                    if name not in param_names:
+                        continue  # a buffer the source model did not have (e.g. expert_bias): keep it
+                    raise KeyError(f"no global tensor '{key}' for parameter '{name}'")
+                if tuple(full[key].shape) != shape:
+                    raise ValueError(f"global tensor '{key}' has shape {tuple(full[key].shape)}, expected {shape}")
+                params[name][local_idx].copy_(full[key][idx])
+
+
+def local_slices(model, full: dict[str, Any]) -> dict[str, Any]:
+    """Parameter name -> the slice of ``full`` (global tensors) this rank holds."""
+    import torch
+
+    tensors = _state_tensors(model)
+    out = {}
+    for name, placed in parameter_placements(model).items():
+        if not all(key in full for key, *_ in placed):
+            continue
+        if len(placed) == 1 and placed[0][3] == (slice(None),):
+            key, idx, _, _ = placed[0]
+            out[name] = full[key][idx]
+            continue
+        t = tensors[name]
+        out[name] = torch.empty(t.shape, dtype=full[placed[0][0]].dtype)
+        for key, idx, _, local_idx in placed:
+            out[name][local_idx] = full[key][idx]
+    return out

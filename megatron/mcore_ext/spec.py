@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
-__all__ = ["replace_modules", "local_spec", "LOCAL_SPEC_CONFIG"]
+__all__ = ["replace_modules", "contains_module", "local_spec", "LOCAL_SPEC_CONFIG"]
 
 #: TransformerConfig settings the pure-PyTorch local spec needs wherever it runs: no fused kernels
 #: that exist only with apex / TE / CUDA extensions, weights initialised on the CPU generator.
@@ -18,16 +18,22 @@ LOCAL_SPEC_CONFIG = dict(
 )
 
 
-def replace_modules(spec, mapping: Mapping[type, type]):
+def replace_modules(spec, mapping: Mapping[type, type], optional: Iterable[type] = ()):
     """Return a copy of ``spec`` with every module class in ``mapping`` replaced by its value.
 
-    Walks ``ModuleSpec`` objects, ``functools.partial`` builders, submodule dataclasses (e.g. ``TransformerLayerSubmodules``,
-    ``TransformerBlockSubmodules``), lists and tuples; classes may stand bare or inside specs.
+    Walks ``ModuleSpec`` objects, ``functools.partial`` builders, submodule dataclasses (e.g.
+    ``TransformerLayerSubmodules``, ``TransformerBlockSubmodules``), lists and tuples; classes may
+    stand bare or inside specs. A class of ``mapping`` that occurs nowhere in ``spec`` is an error
+    (a swap that silently does nothing is a bug), unless it is listed in ``optional``.
     """
     from megatron.core.transformer.spec_utils import ModuleSpec
 
+    found: set[type] = set()
+
     def walk(obj):
         if isinstance(obj, type):
+            if obj in mapping:
+                found.add(obj)
             return mapping.get(obj, obj)
         if isinstance(obj, functools.partial):  # e.g. partial(MoELayer, submodules=MoESubmodules(...))
             return functools.partial(
@@ -43,12 +49,39 @@ def replace_modules(spec, mapping: Mapping[type, type]):
             return tuple(walk(o) for o in obj)
         return obj
 
+    out = walk(spec)
+    missing = set(mapping) - found - set(optional)
+    if missing:
+        raise ValueError(f"replace_modules: {sorted(c.__qualname__ for c in missing)} occur nowhere in the spec "
+                         "(nothing to replace)")
+    return out
+
+
+def contains_module(spec, cls: type) -> bool:
+    """Whether ``cls`` (or a subclass) occurs anywhere in a spec tree."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    def walk(obj):
+        if isinstance(obj, type):
+            return issubclass(obj, cls)
+        if isinstance(obj, functools.partial):
+            return walk(obj.func) or any(walk(a) for a in obj.args) or any(walk(v) for v in obj.keywords.values())
+        if isinstance(obj, ModuleSpec):
+            return walk(obj.module) or walk(obj.submodules)
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            return any(walk(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+        if isinstance(obj, (list, tuple)):
+            return any(walk(o) for o in obj)
+        return False
+
     return walk(spec)
 
 
 def local_spec(spec):
     """Our pure-PyTorch pieces in a megatron-core local spec: SP-capable norms, THD/CP attention,
-    and self-attention that leaves THD RoPE to that core attention (``packed_rope``)."""
+    and self-attention that rotates packed (THD) queries and keys in one pass (``packed_rope``).
+    A stage without full-attention layers (a pipeline stage of Gated DeltaNet layers) has no
+    attention to swap."""
     from megatron.core.transformer.attention import SelfAttention
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -62,10 +95,12 @@ def local_spec(spec):
         DotProductAttention: TorchDotProductAttention,
         SelfAttention: PackedRopeSelfAttention,
     }
+    optional = {DotProductAttention, SelfAttention}
     try:
         from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
 
         mapping[FusedLayerNorm] = TorchNorm
+        optional.add(FusedLayerNorm)  # only where apex would be used for LayerNorm
     except Exception:  # not importable without apex in some builds: nothing to replace then
         pass
-    return replace_modules(spec, mapping)
+    return replace_modules(spec, mapping, optional=optional)

@@ -40,13 +40,13 @@ def main(argv=None) -> int:
 
     from megatron.mcore_ext.layer_graphs import LayerGraphs
 
-    margs, batches, (ddp, model, optimizer, scheduler) = tt.build_ours(targs, "thd", a.thd_row_multiple)
+    margs, batches, (ddp, model, optimizer, scheduler, _) = tt.build_ours(targs, "thd", a.thd_row_multiple)
     batches = batches[: a.steps]
     if a.reverse:
         batches = batches[::-1]
     model.config.finalize_model_grads_func = None  # keep NaNs visible instead of DDP's check raising
     fb = get_forward_backward_func()
-    layers = list(model.language_model.decoder.layers)
+    layers = model.decoder_layers()
     outs: list = []
     for i, layer in enumerate(layers):
         layer.register_forward_hook(lambda m, inp, out, i=i: outs.append((i, out[0].detach().float().clone())))

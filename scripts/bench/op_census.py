@@ -55,9 +55,9 @@ def attach(model):
 args = tt.build_parser().parse_args(["--variant", variant, "--seq-length", seq, "--samples-per-step", nsamp,
                                       "--steps", "3", "--warmup", "0"] + (["--fp32"] if not torch.cuda.is_available() else [])
                                      + (["--megatron-args=" + extra] if extra else []))
-from multimodal_dev import training
+from multimodal_dev import metrics, training
 from megatron.core.pipeline_parallel import get_forward_backward_func
-margs, batches, (ddp, model, optimizer, scheduler) = tt.build_ours(args, layout)
+margs, batches, (ddp, model, optimizer, scheduler, graphs) = tt.build_ours(args, layout)
 fb = get_forward_backward_func()
 import megatron.core.pipeline_parallel.schedules as sch
 orig_bwd = torch.autograd.backward
@@ -72,7 +72,7 @@ def step(batch):
     phase[0] = "opt"
     optimizer.step(); scheduler.step(increment=1)
     phase[0] = "after"
-    training._moe_losses(margs, model.config, 1)
+    metrics.moe_losses(model.config, 1)
 step(batches[0]); step(batches[1])
 attach(model)
 torch.autograd.backward = bwd; sch.torch.autograd.backward = bwd

@@ -32,7 +32,7 @@ What runs, in one process (world size 1), one model at a time:
    reset before each configuration (our BSHD and THD share one model, so both include its
    weights, grads and optimizer state).
 
-FLOPs (``multimodal_dev.flops.model_flops_per_step``, see its docstring): useful matmul FLOPs
+FLOPs (``multimodal_dev.models.qwen35_vl.flops.model_flops_per_step``, see its docstring): useful matmul FLOPs
 of the real tokens and image patches, ``2*m*n*k`` forward and x3 for forward+backward:
 attention projections (q_proj with the output gate = 2 x heads x head_dim wide, k, v, o), causal
 attention scores+values over the n(n+1)/2 allowed pairs per sample, router, top-k active routed
@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
 import json
@@ -82,7 +83,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 
-from multimodal_dev.flops import model_flops_per_step, sample_lengths  # noqa: E402
+from multimodal_dev.models.qwen35_vl.flops import model_flops_per_step, sample_lengths  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM spec sheet, bf16 dense (no sparsity)
 ALL_CONFIGS = ("ours-bshd", "ours-thd", "hf-bshd", "hf-packed")
@@ -231,8 +232,10 @@ def make_samples(variant_cfg: dict, args) -> tuple[list[dict], Any, dict]:
         notes.append(f"--seq-length {args.seq_length} < --max-tokens {args.max_tokens}: mix scaled to {lo}..{hi} "
                      f"tokens, image sides {side_lo}..{side_hi} x {factor} px")
     lo = min(lo, hi)
-    cfg = DataConfig.from_variant(
-        variant_cfg, seed=args.seed, mock_min_tokens=lo, mock_max_tokens=hi, mock_image_prob=args.image_prob,
+    from multimodal_dev.models.qwen35_vl.configuration import configs_for_variant, data_spec
+
+    cfg = DataConfig.from_data_spec(
+        data_spec(*configs_for_variant(args.variant)), seed=args.seed, mock_min_tokens=lo, mock_max_tokens=hi, mock_image_prob=args.image_prob,
         mock_min_image_size=side_lo * factor, mock_max_image_size=max(side_lo, side_hi) * factor,
     )
     provider = build_provider(cfg)
@@ -407,20 +410,20 @@ def one_microbatch(fb, ddp, margs, batch: dict, layout: str, forward_only: bool 
     from multimodal_dev.forward_step import forward_step
 
     return fb(forward_step_func=functools.partial(forward_step, use_padding_mask=True), data_iterator=iter([batch]),
-              model=[ddp], num_microbatches=1, seq_length=margs.seq_length,
-              micro_batch_size=1 if layout == "thd" else margs.micro_batch_size, decoder_seq_length=None,
+              model=[ddp], num_microbatches=1, seq_length=margs.data.seq_length,
+              micro_batch_size=1 if layout == "thd" else margs.data.micro_batch_size, decoder_seq_length=None,
               forward_only=forward_only)
 
 
 def build_ours(args, layout: str, row_multiple: int = 1):
     """For the scripts that study our trainer alone (profiling, op census, graph check): the megatron
     arguments of ``args`` (initialised), the steps' batches of ``layout`` on the device, and
-    ``training.build_model_and_optimizer``'s ``(ddp, model, optimizer, scheduler)``."""
+    ``training.build_model_and_optimizer``'s ``(ddp, model, optimizer, scheduler, layer_graphs)``."""
     from multimodal_dev import training
     from multimodal_dev.models.qwen35_vl.variants import get_variant
 
     margs = megatron_args(args, layout)
-    args.seq_multiple = margs.seq_multiple
+    args.seq_multiple = margs.layout.seq_multiple
     training.initialize(margs)
     samples, provider, _ = make_samples(get_variant(args.variant), args)
     batches, _ = collate_steps(samples, provider, args, layout, row_multiple)
@@ -431,14 +434,13 @@ def build_ours(args, layout: str, row_multiple: int = 1):
 def run_ours(args, margs, batches: dict[str, list[dict]], flops, tokens, pads, peak, wanted) -> list[dict]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from multimodal_dev import training
-    from multimodal_dev.models.qwen35_vl.language import resolve_transformer_impl
+    from multimodal_dev import metrics, training
 
     t0 = time.perf_counter()
-    ddp, model, optimizer, scheduler = training.build_model_and_optimizer(margs)
+    ddp, model, optimizer, scheduler, graphs = training.build_model_and_optimizer(margs)
     n_params = sum(p.numel() for p in model.parameters())
-    impl = resolve_transformer_impl(margs.transformer_impl)
-    print(f"ours: built {margs.model_arch}/{margs.variant} ({_count(n_params)} parameters, "
+    impl = model.config.transformer_impl
+    print(f"ours: built {margs.model.arch}/{margs.model.variant} ({_count(n_params)} parameters, "
           f"{'bf16' if margs.bf16 else 'fp32'}, transformer impl {impl}) in {time.perf_counter() - t0:.1f} s; "
           f"memory allocated {_mem_now() or 0:.2f} GiB", flush=True)
     fb = get_forward_backward_func()
@@ -466,7 +468,7 @@ def run_ours(args, margs, batches: dict[str, list[dict]], flops, tokens, pads, p
                 with torch.no_grad():  # forward only (and no CUDA graph capture for it)
                     losses = one_microbatch(fb, ddp, margs, batches[data_key[layout]][0], layout, forward_only=True)
                 check[layout] = loss_of(losses)
-            training._moe_losses(margs, config, 1)
+            metrics.moe_losses(config, 1)
             print(f"ours: forward-only loss on the first step's samples: BSHD {check['bshd']:.5f}, THD {check['thd']:.5f} "
                   f"(|diff| {abs(check['bshd'] - check['thd']):.2e}; equal up to rounding)", flush=True)
         except Exception as e:  # noqa: BLE001 - a check, not the measurement
@@ -490,9 +492,8 @@ def run_ours(args, margs, batches: dict[str, list[dict]], flops, tokens, pads, p
             return losses
 
         def clear_moe_metrics():  # what train() does per iteration (the tracker accumulates otherwise)
-            training._moe_losses(margs, config, 1)
+            metrics.moe_losses(config, 1)
 
-        graphs = getattr(model, "layer_graphs", None)
         results.append(measure(name, step, batches[data_key[layout]], args, flops, tokens, pads[data_key[layout]], peak,
                                dict(framework="ours", layout=layout, attn=attn[layout], params_b=n_params / 1e9,
                                     forward_only_loss_first_batch=check[layout],
@@ -507,7 +508,7 @@ def run_ours(args, margs, batches: dict[str, list[dict]], flops, tokens, pads, p
                   f"replays, eager calls {dict(st['eager'])}", flush=True)
     # free everything before the next model (config holds bound methods of ddp and optimizer)
     config.no_sync_func = config.finalize_model_grads_func = config.grad_scale_func = None
-    del ddp, model, optimizer, scheduler, fb, config
+    del ddp, model, optimizer, scheduler, fb, config, graphs
     _free_memory()
     if _cuda():
         print(f"ours: freed; memory allocated now {_mem_now():.2f} GiB", flush=True)
@@ -687,7 +688,7 @@ def main(argv=None) -> int:
 
     variant_cfg = get_variant(args.variant)
     margs = megatron_args(args, "bshd")
-    args.seq_multiple = margs.seq_multiple
+    args.seq_multiple = margs.layout.seq_multiple
     if args.cuda_graph_layers and not _cuda():
         raise SystemExit("--cuda-graph-layers needs a CUDA GPU")
     if args.thd_row_multiple is None:
@@ -695,7 +696,8 @@ def main(argv=None) -> int:
     if args.thd_row_multiple < 1 or args.thd_row_multiple % args.seq_multiple:
         raise SystemExit(f"--thd-row-multiple {args.thd_row_multiple} must be a positive multiple of {args.seq_multiple}")
     # one model serves both layouts; the graphs only ever take its THD calls
-    margs.cuda_graph_layers, margs.thd_row_multiple = args.cuda_graph_layers, args.thd_row_multiple
+    margs = dataclasses.replace(margs, model=dataclasses.replace(margs.model, cuda_graph_layers=args.cuda_graph_layers),
+                                data=dataclasses.replace(margs.data, row_multiple=args.thd_row_multiple))
     training.initialize(margs)  # process group (world size 1) + megatron parallel state, once
     dev = torch.device("cuda", torch.cuda.current_device()) if _cuda() else torch.device("cpu")
     peak, peak_src = _peak_tflops(args)
@@ -735,14 +737,14 @@ def main(argv=None) -> int:
                                                                        args.thd_row_multiple)
     data = data_summary(samples, batches_cpu["bshd"], batches_cpu["thd"], variant_cfg["image_token_id"])
     data.update(mix=mix, collate_ms_per_step={k: v * 1e3 for k, v in collate_s.items()})
-    flops = [model_flops_per_step(variant_cfg, b)["total"] for b in batches_cpu["thd"]]
-    flops_bshd = [model_flops_per_step(variant_cfg, b)["total"] for b in batches_cpu["bshd"]]
+    flops = [model_flops_per_step(variant_cfg["text"], variant_cfg["vision"], b)["total"] for b in batches_cpu["thd"]]
+    flops_bshd = [model_flops_per_step(variant_cfg["text"], variant_cfg["vision"], b)["total"] for b in batches_cpu["bshd"]]
     if flops != flops_bshd:
         print("WARNING: useful FLOPs differ between the BSHD and THD batches of the same samples", flush=True)
     tokens = [sum(sample_lengths(b)) for b in batches_cpu["thd"]]
     parts: dict[str, float] = {}
     for b in batches_cpu["thd"][args.warmup:]:
-        for k, v in model_flops_per_step(variant_cfg, b).items():
+        for k, v in model_flops_per_step(variant_cfg["text"], variant_cfg["vision"], b).items():
             parts[k] = parts.get(k, 0) + v / args.steps
     pads = {"bshd": data["padding_share_bshd"], "thd": data["padding_share_thd"]}
     if "thd_rows" in batches_cpu:
@@ -808,7 +810,7 @@ def main(argv=None) -> int:
     if "ours-bshd" in o and "ours-thd" in o:
         summary["ours_thd_over_bshd"] = o["ours-thd"]["tokens_per_s"] / o["ours-bshd"]["tokens_per_s"]
         print(f"ours THD / BSHD: {summary['ours_thd_over_bshd']:.2f}x real tokens/s")
-    print(f"MFU = useful model TFLOP/s / {_fmt(peak, 'g')} ({peak_src}); FLOP counting: multimodal_dev/flops.py")
+    print(f"MFU = useful model TFLOP/s / {_fmt(peak, 'g')} ({peak_src}); FLOP counting: multimodal_dev/models/qwen35_vl/flops.py")
     if args.json:
         out = dict(env=env, args={k: v for k, v in vars(args).items()}, data=data,
                    model_flops_per_step_mean={k: v for k, v in parts.items()}, hf=hf_info, results=results,

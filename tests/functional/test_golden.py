@@ -104,10 +104,10 @@ def _golden(case: C.Case) -> dict:
         gold = C.load_golden(case.name)
     except FileNotFoundError:
         pytest.fail(f"no golden file for {case.name}: run scripts/regen_golden.py --case {case.name}", pytrace=False)
-    if gold["flags"] != case.argv or gold["nproc"] != case.nproc:
+    if gold["flags"] != case.golden_argv or gold["nproc"] != case.nproc:
         pytest.fail(f"golden/{case.name}.json was made with other flags than cases.py's: run "
                     f"scripts/regen_golden.py --case {case.name}\n  golden: {gold['nproc']} x {gold['flags']}\n"
-                    f"  now:    {case.nproc} x {case.argv}", pytrace=False)
+                    f"  now:    {case.nproc} x {case.golden_argv}", pytrace=False)
     now = C.versions()
     for k in ("torch", "megatron-core"):
         if gold["versions"].get(k) != now[k]:

@@ -1,10 +1,10 @@
-"""``multimodal_dev.flops.model_flops_per_step`` (the MFU numerator of scripts/bench/train_throughput.py)
+"""``multimodal_dev.models.qwen35_vl.flops.model_flops_per_step`` (the MFU numerator of scripts/bench/train_throughput.py)
 against a hand count for the ``tiny`` variant on one packed batch, derived independently as
 "2 FLOPs per weight a token touches" plus the attention (query, key) pairs; and the same samples
 padded (BSHD) give the same useful FLOPs (padding is not useful work).
 
-variants.py is loaded from its file: importing it through ``multimodal_dev.models`` would import
-megatron-core (~8 s), and this test needs none of it."""
+variants.py and flops.py are loaded from their files: importing them through ``multimodal_dev.models``
+would import megatron-core (~8 s), and this test needs none of it."""
 from __future__ import annotations
 
 import importlib.util
@@ -14,15 +14,26 @@ import torch
 
 import multimodal_dev
 from multimodal_dev.data.collate import CollateConfig, pack_or_pad_batch
-from multimodal_dev.flops import model_flops_per_step, sample_lengths
+
+
+def _load(name):
+    path = Path(multimodal_dev.__file__).parent / "models" / "qwen35_vl" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_{name}_for_flops_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_flops = _load("flops")
+sample_lengths = _flops.sample_lengths
 
 
 def get_variant(name):
-    path = Path(multimodal_dev.__file__).parent / "models" / "qwen35_vl" / "variants.py"
-    spec = importlib.util.spec_from_file_location("_variants_for_flops_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_variant(name)
+    return _load("variants").get_variant(name)
+
+
+def model_flops_per_step(variant, batch):
+    return _flops.model_flops_per_step(variant["text"], variant["vision"], batch)
 
 
 IMG, VS, VE = 250, 248, 249  # tiny's image / vision-start / vision-end token ids

@@ -219,7 +219,7 @@ def check_batch(batch: dict, truths_: list[Truth], cfg: CollateConfig, n_truncat
     # downstream is made on the presence of cu_seqlens_padded: the key set is part of the contract.
     keys = {"tokens", "labels", "loss_mask", "position_ids", "padding_mask", "pixel_values", "image_grid_thw", "stats"}
     if thd:
-        keys |= {"cu_seqlens", "cu_seqlens_padded", "max_seqlen"}
+        keys |= {"cu_seqlens", "cu_seqlens_padded", "max_seqlen", "sequence_ids"}
     assert set(batch) == keys
 
     # ---- shapes and dtypes ----
@@ -285,6 +285,11 @@ def check_batch(batch: dict, truths_: list[Truth], cfg: CollateConfig, n_truncat
             assert not bool(pad[0, off:off + lens[i]].any()) and bool(pad[0, off + lens[i]:off + plen].all())
         assert type(batch["max_seqlen"]) is int
         assert batch["max_seqlen"] == max(p for _, _, p in places)
+        # every position carries the index of the packed sample it belongs to, padding included
+        exp_seq = torch.full(shape, -1, dtype=torch.long)
+        for i, (_, off, plen) in enumerate(places):
+            exp_seq[0, off:off + plen] = i
+        assert torch.equal(batch["sequence_ids"], exp_seq)
 
     # ---- vision inputs ----
     grids = [g for t in truths_ for g in t.grids]
@@ -629,6 +634,9 @@ def test_thd_row_multiple_adds_one_padding_segment(data, d, k):
     assert (rows["loss_mask"][0, n:] == 0).all() and rows["padding_mask"][0, n:].all()
     for c in range(3):  # the padding segment's positions count from 0, like any sample's
         assert rows["position_ids"][c, 0, n:].tolist() == list(range(tail))
+    assert torch.equal(rows["sequence_ids"][:, :n], base["sequence_ids"])
+    n_samples = base["cu_seqlens"].numel() - 1
+    assert (rows["sequence_ids"][0, n:] == n_samples).all()  # the padding segment: an id of its own
     if tail:
         assert rows["cu_seqlens"].tolist() == base["cu_seqlens"].tolist() + [base["cu_seqlens"][-1].item()]
         assert rows["cu_seqlens_padded"].tolist() == base["cu_seqlens_padded"].tolist() + [n + tail]

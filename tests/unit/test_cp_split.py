@@ -272,6 +272,8 @@ def test_split_real_collated_batch_cp2(samples, layout, extra):
     else:
         ref_lengths = [batch["tokens"].shape[-1]]
     per_token = ["tokens", "labels", "loss_mask", "padding_mask", "position_ids"]
+    if layout == "thd":
+        per_token.append("sequence_ids")
     parts = [split_batch_for_cp(batch, cp, r) for r in range(cp)]
     for r, part in enumerate(parts):
         ref = torch.tensor(ref_rank_index(ref_lengths, cp, r), dtype=torch.long)

@@ -9,13 +9,8 @@ import pytest
 import torch
 
 from megatron.mcore_ext import cpu_runtime
-from megatron.mcore_ext.testing import (
-    global_tensors,
-    load_global_tensors,
-    local_slices,
-    run_distributed,
-    tiny_moe_gpt,
-)
+from megatron.mcore_ext.sharding import global_tensors, load_global_tensors, local_slices
+from megatron.mcore_ext.testing import run_distributed, tiny_moe_gpt
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-runtime tests: this machine has a GPU")
 

@@ -11,6 +11,7 @@ import torch
 from data_batch_checks import check_batch
 from multimodal_dev.data.collate import CollateConfig
 from multimodal_dev.data.providers import DataConfig, available_providers, build_provider, get_provider, register_provider
+from multimodal_dev.data.stream import MicroBatchStream
 
 
 def _same(a, b):
@@ -113,32 +114,41 @@ def test_max_sample_tokens():
 
 @pytest.mark.parametrize("layout", ["thd", "bshd"])
 def test_batches_contract_and_resume(provider, layout):
-    mbs = 3
+    """The one batching path on mock data (global order): DP rank 1 of 2 collates its block of
+    each global batch; a resumed stream continues exactly, also with another micro-batch size."""
+    mbs, n_mb = 3, 2
     if layout == "thd":
         cfg = provider.collate_config(layout="thd", divisible_by=4)
         limit = None
     else:
         cfg = provider.collate_config(layout="bshd", target_seqlen=128, divisible_by=4)
-        limit = 128  # batches() keeps samples within target_seqlen
-    bi = provider.batches(1, 2, mbs, cfg)
-    ref = provider.samples(1, 2, max_tokens=limit)
-    batches = _take(bi, 4)
-    for b in batches:
-        check_batch(b, _take(ref, mbs), layout, divisible_by=4, target_seqlen=128)
+        limit = 128  # the stream keeps samples within target_seqlen
+    bi = MicroBatchStream(provider, cfg, micro_batch_size=mbs, num_microbatches=n_mb, dp_rank=1, dp_size=2)
+    ref = provider.samples(0, 1, max_tokens=limit)  # the global order
+    for _ in range(2):
+        everyone = _take(ref, 2 * mbs * n_mb)
+        mine = everyone[mbs * n_mb:]
+        for i, b in enumerate(bi.next_iteration()):
+            check_batch(b, mine[i * mbs:(i + 1) * mbs], layout, divisible_by=4, target_seqlen=128)
     state = bi.state_dict()
-    after = _take(bi, 2)
-    resumed = provider.batches(1, 2, mbs, cfg, state=state)
-    for x, y in zip(after, _take(resumed, 2)):
+    after = [b for _ in range(2) for b in bi.next_iteration()]
+    resumed = MicroBatchStream(provider, cfg, micro_batch_size=mbs, num_microbatches=n_mb, dp_rank=1, dp_size=2,
+                               state=state)
+    for x, y in zip(after, [b for _ in range(2) for b in resumed.next_iteration()]):
         assert torch.equal(x["tokens"], y["tokens"]) and torch.equal(x["labels"], y["labels"])
         assert torch.equal(x["position_ids"], y["position_ids"])
-    assert resumed.stats["batches"] == 6 and resumed.stats["samples_read"] == 6 * mbs
-    assert provider.stats == resumed.stats  # the provider reports its latest iterator
-    with pytest.raises(ValueError, match="micro_batch_size"):
-        provider.batches(1, 2, mbs + 1, cfg, state=state)
+    assert resumed.stats["micro_batches"] == 2 * n_mb and resumed.stats["samples_read"] == 4 * 2 * mbs * n_mb
+    # another micro-batch size continues at the same sample position
+    other = MicroBatchStream(provider, cfg, micro_batch_size=2 * mbs, num_microbatches=1, dp_rank=1, dp_size=2,
+                             state=state)
+    first = other.next_iteration()[0]  # the samples of the two micro-batches of `after`'s first iteration
+    joined = torch.cat([after[0]["tokens"], after[1]["tokens"]], dim=-1 if layout == "thd" else 0)
+    assert torch.equal(first["tokens"], joined)
 
 
 def test_batches_check_collate_ids(provider):
     with pytest.raises(ValueError, match="image_token_id"):
-        provider.batches(0, 1, 2, CollateConfig(layout="thd", image_token_id=7))
+        MicroBatchStream(provider, CollateConfig(layout="thd", image_token_id=7), micro_batch_size=2,
+                         num_microbatches=1)
     with pytest.raises(ValueError, match="dp_rank"):
         provider.samples(2, 2)

@@ -19,9 +19,10 @@ import torch
 from PIL import Image
 
 from data_batch_checks import check_batch
-from multimodal_dev.data import providers as providers_mod
+from multimodal_dev.data import webdataset as providers_mod
 from multimodal_dev.data.image import preprocess_image
 from multimodal_dev.data.providers import DataConfig, build_provider
+from multimodal_dev.data.stream import MicroBatchStream
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "examples", "multimodal_dev", "scripts", "make_shapes_dataset.py")
@@ -238,7 +239,8 @@ def bad_dir(shards, tmp_path):
 def test_bad_data_is_skipped_counted_and_logged(bad_dir, caplog):
     p = build_provider(_cfg(bad_dir, max_sample_tokens=200))
     caplog.set_level(logging.WARNING, logger="multimodal_dev.data.providers")
-    e0 = _one_epoch(p.samples(0, 1))
+    it = p.samples(0, 1)
+    e0 = _one_epoch(it)
     keys = [s["__key__"] for s in e0]
     assert len(keys) == len(set(keys))
     assert not BAD_KEYS & set(keys)
@@ -250,7 +252,6 @@ def test_bad_data_is_skipped_counted_and_logged(bad_dir, caplog):
     good2 = next(s for s in e0 if s["__key__"] == "good2")
     assert good2["image_grid_thw"].tolist() == [[1, 8, 8]] * 2
 
-    it = p._last
     st = it.stats
     assert st["skipped_shards"] >= 2  # garbage + truncated (the next epoch may have met one again)
     assert st["skipped_samples"] >= 5  # the five bad samples (+ a half-written one of the cut shard, if any)
@@ -307,19 +308,22 @@ def test_missing_path_is_named(tmp_path):
 
 @pytest.mark.parametrize("layout", ["thd", "bshd"])
 def test_batches_contract(shards, layout):
+    """The one batching path (MicroBatchStream) on webdataset: each DP rank collates its own
+    samples, in their order, and resumes exactly."""
     p = build_provider(_cfg(shards))
     if layout == "thd":
         cfg, limit = p.collate_config(layout="thd", divisible_by=8), None
     else:
         cfg, limit = p.collate_config(layout="bshd", target_seqlen=96, divisible_by=8), 96
-    bi = p.batches(1, 2, 4, cfg)
+    bi = MicroBatchStream(p, cfg, micro_batch_size=4, num_microbatches=5, dp_rank=1, dp_size=2)
     ref = p.samples(1, 2, max_tokens=limit)
-    for _ in range(5):
-        check_batch(next(bi), [next(ref) for _ in range(4)], layout, divisible_by=8, target_seqlen=96)
-    assert bi.stats["batches"] == 5 and bi.stats["samples_read"] == 20
+    for b in bi.next_iteration():
+        check_batch(b, [next(ref) for _ in range(4)], layout, divisible_by=8, target_seqlen=96)
+    assert bi.stats["micro_batches"] == 5 and bi.stats["samples_read"] == 20
     if layout == "bshd":
         assert bi.stats["skipped_samples"] == ref.stats["skipped_samples"]
     state = bi.state_dict()
-    nxt = next(bi)
-    again = next(p.batches(1, 2, 4, cfg, state=state))
+    nxt = bi.next_iteration()[0]
+    again = MicroBatchStream(p, cfg, micro_batch_size=4, num_microbatches=5, dp_rank=1, dp_size=2,
+                             state=state).next_iteration()[0]
     assert torch.equal(nxt["tokens"], again["tokens"]) and torch.equal(nxt["pixel_values"], again["pixel_values"])

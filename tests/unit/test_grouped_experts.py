@@ -13,11 +13,12 @@ def _compare(seed: int):
     from megatron.core.transformer.moe.experts import SequentialMLP
 
     from megatron.mcore_ext.experts import GroupedGemmSequentialMLP
-    from multimodal_dev.models.qwen35_vl.language import Qwen35TextConfig, build_qwen35_language_model
-    from multimodal_dev.models.qwen35_vl.model import configs_for_variant
+    from multimodal_dev.models import BuildOptions
+    from multimodal_dev.models.qwen35_vl.configuration import configs_for_variant
+    from multimodal_dev.models.qwen35_vl.model import build_qwen35_language_model
 
     text, _, _ = configs_for_variant("tiny")
-    lm = build_qwen35_language_model(text, pre_process=True, post_process=True)
+    lm = build_qwen35_language_model(text, BuildOptions(pre_process=True, post_process=True))
     experts = [m for m in lm.modules() if isinstance(m, GroupedGemmSequentialMLP)]
     assert len(experts) == text.num_hidden_layers  # the spec put ours in every MoE layer
     mod = experts[0]

@@ -51,7 +51,7 @@ from test_qwen35_invariance import IMG, _samples
 args = parse_args(["--variant", "tiny", "--micro-batch-size", "1", "--global-batch-size", "2",
                    "--seq-length", "64", "--layout-independent-init", "--seed", "3"], world_size=1)
 training.initialize(args)
-ddp, model, optimizer, scheduler = training.build_model_and_optimizer(args)
+ddp, model, optimizer, scheduler, _ = training.build_model_and_optimizer(args)
 batch = pack_or_pad_batch(_samples(), CollateConfig(layout="thd", divisible_by=4, image_token_id=IMG))
 hook_calls = {}
 for n, p in ddp.module.named_parameters():

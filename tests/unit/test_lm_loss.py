@@ -91,11 +91,12 @@ def _model_case():
     """Qwen3.5 tiny: the training loss and every gradient equal megatron's output layer + vocab
     cross entropy; the logits path (no labels) is untouched."""
     import megatron.mcore_ext.lm_loss as lm_loss_mod
-    from multimodal_dev.models.qwen35_vl.language import build_qwen35_language_model
-    from multimodal_dev.models.qwen35_vl.model import configs_for_variant
+    from multimodal_dev.models import BuildOptions
+    from multimodal_dev.models.qwen35_vl.configuration import configs_for_variant
+    from multimodal_dev.models.qwen35_vl.model import build_qwen35_language_model
 
     text, _, _ = configs_for_variant("tiny")
-    model = build_qwen35_language_model(text, pre_process=True, post_process=True).cpu()
+    model = build_qwen35_language_model(text, BuildOptions(pre_process=True, post_process=True)).cpu()
     g = torch.Generator().manual_seed(5)
     s = 12
     tokens = torch.randint(0, text.vocab_size, (2, s), generator=g)

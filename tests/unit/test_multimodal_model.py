@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from megatron.mcore_ext.cp_split import cp_partition_index
-from megatron.mcore_ext.testing import global_tensors, load_global_tensors, run_distributed, tiny_moe_gpt
+from megatron.mcore_ext.sharding import global_tensors, load_global_tensors
+from megatron.mcore_ext.testing import run_distributed, tiny_moe_gpt
 from multimodal_dev.data import CollateConfig, pack_or_pad_batch
 
 V, IMG, PATCH, H = 64, 63, 12, 32

@@ -19,11 +19,11 @@ def _run(use_ours: bool):
 
     from megatron.mcore_ext.packed_rope import PackedRopeSelfAttention, takes_local_thd_angles
     from multimodal_dev.data import CollateConfig, pack_or_pad_batch
-    from multimodal_dev.models import build_model
+    from multimodal_dev.models import BuildOptions, MoEOptions, build_model
 
     MoEAuxLossAutoScaler.main_loss_backward_scale = torch.tensor(1.0)
     torch.manual_seed(0)
-    model = build_model("qwen35_vl", "tiny", moe_aux_loss_coeff=0.01)
+    model = build_model("qwen35_vl", "tiny", BuildOptions(moe=MoEOptions(aux_loss_coeff=0.01)))
     assert takes_local_thd_angles(model.language_model)
     model.train()
     batch = pack_or_pad_batch(_samples(), CollateConfig(layout="thd", divisible_by=4, image_token_id=IMG))

@@ -35,10 +35,10 @@ def _run_layouts():
 
     from megatron.mcore_ext.router import collect_router_diagnostics
     from multimodal_dev.data import CollateConfig, pack_or_pad_batch
-    from multimodal_dev.models import build_model
+    from multimodal_dev.models import BuildOptions, MoEOptions, build_model
 
     MoEAuxLossAutoScaler.main_loss_backward_scale = torch.tensor(1.0)
-    model = build_model("qwen35_vl", "tiny", moe_aux_loss_coeff=0.01, moe_z_loss_coeff=1e-3)
+    model = build_model("qwen35_vl", "tiny", BuildOptions(moe=MoEOptions(aux_loss_coeff=0.01, z_loss_coeff=1e-3)))
     with torch.no_grad():  # non-trivial norms (zero-centred weights start at 0)
         g = torch.Generator().manual_seed(1)
         for p in model.parameters():

@@ -25,11 +25,8 @@ import torch
 from megatron.mcore_ext.cp_split import thd_partition_index, zigzag_index
 from megatron.mcore_ext.testing import run_distributed
 from multimodal_dev.data import mrope_position_ids
-from multimodal_dev.models.qwen35_vl.language import (
-    Qwen35TextConfig,
-    language_state_from_hf,
-    language_state_to_hf,
-)
+from multimodal_dev.models.qwen35_vl.configuration import Qwen35TextConfig
+from multimodal_dev.models.qwen35_vl.convert import language_state_from_hf, language_state_to_hf
 from multimodal_dev.models.qwen35_vl.rope import InterleavedMRoPE, mrope_axis_of_frequency
 
 transformers = pytest.importorskip("transformers")
@@ -103,7 +100,7 @@ def _hf_logits(model, tokens, position_ids=None):
 # megatron side (runs inside run_distributed ranks)
 # ---------------------------------------------------------------------------------------------
 def _build(text_cfg, mg_sd):
-    from multimodal_dev.models.qwen35_vl.language import build_qwen35_language_model
+    from multimodal_dev.models.qwen35_vl.model import build_qwen35_language_model
 
     model = build_qwen35_language_model(text_cfg, parallel_output=False)
     init_sd = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
@@ -256,7 +253,7 @@ def test_round_trip_hf_megatron_hf(hf, text_cfg, converted):
 
 
 def _init_state(text_cfg):
-    from multimodal_dev.models.qwen35_vl.language import build_qwen35_language_model
+    from multimodal_dev.models.qwen35_vl.model import build_qwen35_language_model
 
     sd = build_qwen35_language_model(text_cfg).state_dict()
     return {k: v for k, v in sd.items() if not k.endswith("_extra_state")}

@@ -22,7 +22,7 @@ import torch
 from megatron.mcore_ext.testing import run_distributed
 from multimodal_dev.data import CollateConfig, pack_or_pad_batch
 from multimodal_dev.models.qwen35_vl.convert import configs_from_hf, hf_to_mcore, mcore_to_hf
-from multimodal_dev.models.qwen35_vl.model import configs_for_variant
+from multimodal_dev.models.qwen35_vl.configuration import configs_for_variant
 from multimodal_dev.models.qwen35_vl.variants import get_variant
 
 transformers = pytest.importorskip("transformers")

@@ -22,7 +22,8 @@
 import pytest
 import torch
 
-from megatron.mcore_ext.testing import global_tensors, load_global_tensors, local_slices, run_distributed
+from megatron.mcore_ext.sharding import global_tensors, load_global_tensors, local_slices
+from megatron.mcore_ext.testing import run_distributed
 from multimodal_dev.data import CollateConfig, pack_or_pad_batch
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU (gloo) tests: this machine has a GPU")
@@ -194,10 +195,10 @@ def _run(weights, vision_state, which, sp, ref_grads=None):
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    from multimodal_dev.models import build_model
+    from multimodal_dev.models import BuildOptions, MoEOptions, build_model
 
     MoEAuxLossAutoScaler.main_loss_backward_scale = torch.tensor(1.0)
-    model = build_model("qwen35_vl", "tiny", moe_aux_loss_coeff=COEFF, moe_z_loss_coeff=ZCOEFF, sequence_parallel=sp)
+    model = build_model("qwen35_vl", "tiny", BuildOptions(sequence_parallel=sp, moe=MoEOptions(aux_loss_coeff=COEFF, z_loss_coeff=ZCOEFF)))
     lm, vision = model.language_model, model.vision_encoder
     if weights is None:  # the reference: perturb everything (zero-centred norms start at 0)
         g = torch.Generator().manual_seed(17)

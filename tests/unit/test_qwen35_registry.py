@@ -6,7 +6,7 @@ import torch
 
 from megatron.mcore_ext.testing import run_distributed
 from multimodal_dev.models import available_architectures, build_model
-from multimodal_dev.models.qwen35_vl.language import resolve_transformer_impl
+from multimodal_dev.models.contract import resolve_transformer_impl
 
 HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 

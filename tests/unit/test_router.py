@@ -128,7 +128,7 @@ def _run_router(x, w, pad, lb_type, score="softmax", expert_bias=False, seq_para
         "metrics": metrics,
         "grad": r.weight.grad.clone(),
         "bias_counts": r.local_tokens_per_expert.clone() if expert_bias else None,
-        "diag_counts": r.diag_tokens_per_expert.clone(),
+        "diag_counts": r.diagnostics.tokens_per_expert.clone(),
         "diag": diag,
         "routed_padding": int((routing_map & pad.reshape(-1, 1)).sum()),
         "finite": bool(torch.isfinite(probs).all() and torch.isfinite(r.weight.grad).all()),
@@ -367,7 +367,7 @@ def _fast_vs_generic(x, w, pad, opts):
         out[fast] = dict(
             probs=probs.detach(), map=routing_map, launches=launches, grad_in=inp.grad, grad_w=r.weight.grad,
             metrics={n: e.values.clone() for n, e in get_moe_metrics_tracker().metrics.items()},
-            diag=(r.diag_tokens_per_expert.clone(), r.diag_entropy_sum.clone(), r.diag_valid_tokens.clone()),
+            diag=(r.diagnostics.tokens_per_expert.clone(), r.diagnostics.entropy_sum.clone(), r.diagnostics.valid_tokens.clone()),
         )
     return out
 

@@ -18,19 +18,13 @@ isolates the router's own gradient (much smaller than the LM one, so a router bu
 rtol in "full"). ``MoEAuxLossAutoScaler``'s scale is 1, so the aux/z gradient is that of
 ``coeff * loss``.
 """
-import contextlib
 import math
 
 import pytest
 import torch
 
-from megatron.mcore_ext.testing import (
-    global_tensors,
-    load_global_tensors,
-    local_slices,
-    run_distributed,
-    tiny_moe_gpt,
-)
+from megatron.mcore_ext.sharding import global_tensors, load_global_tensors, local_slices
+from megatron.mcore_ext.testing import run_distributed, tiny_moe_gpt
 from multimodal_dev.data.collate import CollateConfig, pack_or_pad_batch
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU (gloo) tests: this machine has a GPU")
@@ -151,7 +145,7 @@ def _one_run(run):
     from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker, get_moe_metrics_tracker
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    from megatron.mcore_ext.router import collect_router_diagnostics, sequence_ids
+    from megatron.mcore_ext.router import collect_router_diagnostics
 
     MoEAuxLossAutoScaler.main_loss_backward_scale = torch.tensor(1.0)
     # a fresh tracker: clear() only zeroes values and keeps every entry ever recorded in this
@@ -184,18 +178,17 @@ def _one_run(run):
             qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_p,
             cu_seqlens_kv_padded=cu_p, max_seqlen_q=b["max_seqlen"], max_seqlen_kv=b["max_seqlen"],
         )
-    ctx = contextlib.nullcontext()
     if run.get("seq_ids") and "seq_ids" in b:  # router tokens are [s, b] = [T, 1] for THD
-        ctx = sequence_ids(b["seq_ids"].reshape(-1, 1), num_sequences=b["cu_seqlens"].numel() - 1)
-    with ctx:
-        token_losses = model(
-            b["tokens"],
-            b["position_ids"][0],  # text only: the three MRoPE rows are equal
-            None,
-            labels=b["labels"].clamp(min=0),
-            packed_seq_params=psp,
-            padding_mask=b["padding_mask"] if run.get("pass_padding", True) else None,
-        )
+        for r in routers:
+            r.set_sequence_ids(b["seq_ids"].reshape(-1, 1), num_sequences=b["cu_seqlens"].numel() - 1)
+    token_losses = model(
+        b["tokens"],
+        b["position_ids"][0],  # text only: the three MRoPE rows are equal
+        None,
+        labels=b["labels"].clamp(min=0),
+        packed_seq_params=psp,
+        padding_mask=b["padding_mask"] if run.get("pass_padding", True) else None,
+    )
     # this rank's share of sum(token_loss * loss_mask) / (loss tokens of the whole global batch)
     norm = run.get("norm") or max(float(b["loss_mask"].sum()), 1.0)
     lm = (token_losses * b["loss_mask"]).sum() / norm

@@ -29,11 +29,12 @@ def _layer_and_reference():
     from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
 
     from megatron.mcore_ext.sorted_dispatch import GroupedMoELayer, SortedAllGatherTokenDispatcher
-    from multimodal_dev.models.qwen35_vl.language import build_qwen35_language_model
-    from multimodal_dev.models.qwen35_vl.model import configs_for_variant
+    from multimodal_dev.models import BuildOptions
+    from multimodal_dev.models.qwen35_vl.configuration import configs_for_variant
+    from multimodal_dev.models.qwen35_vl.model import build_qwen35_language_model
 
     text, _, _ = configs_for_variant("tiny")
-    lm = build_qwen35_language_model(text, pre_process=True, post_process=True)
+    lm = build_qwen35_language_model(text, BuildOptions(pre_process=True, post_process=True))
     layers = [m for m in lm.modules() if isinstance(m, GroupedMoELayer)]
     assert len(layers) == text.num_hidden_layers  # the spec put ours in every MoE layer
     assert all(isinstance(m.token_dispatcher, SortedAllGatherTokenDispatcher) for m in layers)

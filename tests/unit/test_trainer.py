@@ -80,8 +80,8 @@ def test_cpu_rejects_gpu_only_flags():
 
 
 def test_cp_default_row_multiple_is_accepted():
-    args = parse_args(["--use-packed-sequence", "--context-parallel-size", "2"], world_size=2)
-    assert args.thd_row_multiple == 1 and args.seq_multiple == 4
+    cfg = parse_args(["--use-packed-sequence", "--context-parallel-size", "2"], world_size=2)
+    assert cfg.data.row_multiple == 1 and cfg.layout.seq_multiple == 4
 
 
 # ------------------------------------------------------------------------- kill and resume
@@ -96,8 +96,8 @@ def test_crash_mid_save_then_resume_gives_the_uninterrupted_losses(tmp_path):
     # saves at 2 and 4; the process is killed hard inside the second save (all shards written,
     # no marker, no rename, no tracker update)
     crashed = _run(COMMON + iters + ["--save", str(ckpt), "--save-interval", "2",
-                                     "--metrics-file", str(tmp_path / "crashed.jsonl")],
-                   env_extra={"MMDEV_CRASH_IN_SAVE": "2"})
+                                     "--metrics-file", str(tmp_path / "crashed.jsonl"),
+                                     "--plugin", str(ROOT / "tests" / "plugins" / "crash_in_second_save.py")])
     assert crashed.returncode == 17, crashed.stderr[-3000:]
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     assert (ckpt / "iter_0000002" / "COMPLETE").exists()

@@ -1,4 +1,6 @@
-"""Data: tokenizer, image preprocessing, sample building, the collate and the dataset providers."""
+"""Data: tokenizer, image preprocessing, sample building, the collate, the dataset providers and the
+one batching path (``stream.MicroBatchStream``). Importing this package registers the built-in
+providers (``mock``, ``webdataset``)."""
 from multimodal_dev.data.collate import (  # noqa: F401
     IGNORE_INDEX,
     CollateConfig,
@@ -8,7 +10,6 @@ from multimodal_dev.data.collate import (  # noqa: F401
 )
 from multimodal_dev.data.image import ImageDecodeError, decode_image, preprocess_image, smart_resize  # noqa: F401
 from multimodal_dev.data.providers import (  # noqa: F401
-    BatchIterator,
     DataConfig,
     DatasetProvider,
     SampleIterator,
@@ -17,5 +18,7 @@ from multimodal_dev.data.providers import (  # noqa: F401
     get_provider,
     register_provider,
 )
+from multimodal_dev.data import mock, webdataset  # noqa: F401,E402  (register the built-in providers)
 from multimodal_dev.data.sample import SampleError, build_sample  # noqa: F401
+from multimodal_dev.data.stream import MicroBatchStream  # noqa: F401
 from multimodal_dev.data.tokenizer import TextTokenizer  # noqa: F401

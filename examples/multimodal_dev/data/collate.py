@@ -14,7 +14,9 @@ The batch contract is DESIGN.md section 2. The points that matter most:
   it continues at (largest id so far) + 1. Collate padding continues the count like text.
 * THD: every sample is padded to a multiple of ``divisible_by`` (so the context-parallel zigzag
   split and sequence parallelism can cut it evenly); ``cu_seqlens`` are the real boundaries,
-  ``cu_seqlens_padded`` the padded ones. BSHD: every row is padded to ``target_seqlen``.
+  ``cu_seqlens_padded`` the padded ones, and ``sequence_ids`` [1, T] says which packed segment
+  each position is in (the routers' ``seq_aux_loss`` normalises per sample). BSHD: every row is
+  padded to ``target_seqlen`` (a row is one sequence).
 
 Everything is vectorised per sample with NumPy (no per-token Python), so one core collates well
 over a million tokens per second (``scripts/bench/collate.py``).
@@ -363,6 +365,8 @@ def pack_or_pad_batch(samples: Sequence[Mapping], config: CollateConfig) -> dict
         batch["cu_seqlens"] = torch.from_numpy(cu)
         batch["cu_seqlens_padded"] = torch.from_numpy(cu_p)
         batch["max_seqlen"] = int(padded.max())
+        # which packed segment (sample, or the row's padding segment) each position is in
+        batch["sequence_ids"] = torch.from_numpy(np.repeat(np.arange(len(prepared), dtype=np.int64), padded)).view(shape)
     n_real = int(lengths.sum())
     batch["stats"] = {
         "samples": n_samples,

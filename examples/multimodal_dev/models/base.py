@@ -1,24 +1,31 @@
 """MultimodalModel: a vision encoder in front of a megatron-core GPTModel language decoder.
 
-The model is architecture-agnostic: an architecture (see ``multimodal_dev.models``) supplies the
-vision encoder (``pixel_values, image_grid_thw -> [n_image_tokens, hidden]`` in the image tokens'
-order) and the GPTModel. ``forward`` takes the collated batch of DESIGN.md section 2 and
+The model is architecture-agnostic: an architecture (see ``multimodal_dev.models.registry``)
+supplies the vision encoder (``pixel_values, image_grid_thw -> [n_image_tokens, hidden]`` in the
+image tokens' order), the GPTModel, its ``DataSpec`` and its FLOP count. ``forward`` takes the
+collated batch of ``docs/batch.md`` (whole, not yet split for context parallelism) and
 
 1. embeds the text with the language model's embedding (built with
    ``scatter_embedding_sequence_parallel=False``: the scatter happens here, after step 3);
 2. runs the vision encoder and scatters its outputs at the image-token positions (a count
    mismatch is an error naming both counts);
-3. ``_cp_split_for_forward``: splits the combined embeddings and every per-token tensor (tokens,
-   labels, loss mask, position ids, padding mask) with one context-parallel index;
-4. with sequence parallelism scatters the embeddings *and the padding mask* along the sequence
-   (megatron-core 0.19.2's GPTModel does the mask's scatter only when it embeds ``input_ids``
-   itself; with ``decoder_input`` the caller must give it the embeddings' layout);
-5. calls ``GPTModel.forward`` with ``decoder_input``, ``packed_seq_params`` (THD) and
-   ``padding_mask``; with labels it returns per-token losses ``[b, s_local]``.
+3. splits the combined embeddings and every per-token tensor it uses (tokens, labels, position
+   ids, padding mask, sequence ids) with the micro-batch's one context-parallel index
+   (``cp_index``, computed once by ``forward_step`` and reused there for the loss mask);
+4. with sequence parallelism scatters the embeddings, the padding mask and the sequence ids
+   along the sequence (megatron-core 0.19.2's GPTModel does the mask's scatter only when it embeds
+   ``input_ids`` itself; with ``decoder_input`` the caller must give it the embeddings' layout);
+5. hands the packed samples' sequence ids to its padding-aware routers (``seq_aux_loss``
+   normalises per packed sample) and calls ``GPTModel.forward`` with ``decoder_input``,
+   ``packed_seq_params`` (THD) and ``padding_mask``; with labels it returns per-token losses
+   ``[b, s_local]``.
+
+The interface the trainer uses (``models.contract``): ``config``, ``decoder_layers()``,
+``data_spec``, ``flops_per_batch(batch)``.
 """
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -29,12 +36,13 @@ from megatron.core.enums import ModelType
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
-from megatron.mcore_ext.cp_split import split_batch_for_cp
-from megatron.mcore_ext.router import sequence_ids
+from megatron.mcore_ext.cp_split import cp_partition_index, split_batch_for_cp
+from megatron.mcore_ext.router import PaddingAwareTopKRouter
+from multimodal_dev.models.contract import DataSpec
 
 __all__ = ["MultimodalModel", "packed_seq_params_from_batch"]
 
-_PER_TOKEN = ("tokens", "labels", "loss_mask", "position_ids", "padding_mask")
+_PER_TOKEN = ("tokens", "labels", "position_ids", "padding_mask", "sequence_ids")
 
 
 def packed_seq_params_from_batch(batch: dict) -> Optional[PackedSeqParams]:
@@ -53,6 +61,11 @@ def packed_seq_params_from_batch(batch: dict) -> Optional[PackedSeqParams]:
     )
 
 
+def _sp_scatter_bs(t: torch.Tensor) -> torch.Tensor:
+    """Scatter a [b, s] per-token tensor over the sequence like the [s, b, h] embeddings."""
+    return tensor_parallel.scatter_to_sequence_parallel_region(t.transpose(0, 1).contiguous()).transpose(0, 1)
+
+
 class MultimodalModel(MegatronModule):
     def __init__(
         self,
@@ -60,6 +73,8 @@ class MultimodalModel(MegatronModule):
         vision_encoder: Optional[torch.nn.Module],
         image_token_id: Optional[int],
         mrope: bool = False,
+        data_spec: Optional[DataSpec] = None,
+        flops_fn: Optional[Callable[[dict], float]] = None,
     ):
         super().__init__(config=language_model.config)
         self.language_model = language_model
@@ -69,14 +84,26 @@ class MultimodalModel(MegatronModule):
         self.pre_process = language_model.pre_process
         self.post_process = language_model.post_process
         self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules look up
-        # the architecture's variant settings (vision patching, vocabulary, special token ids) that
-        # the data pipeline needs; set by the architecture's builder
-        self.variant_config: dict = {}
+        self.data_spec = data_spec if data_spec is not None else DataSpec(
+            vocab_size=language_model.vocab_size, image_token_id=image_token_id)
+        self._flops_fn = flops_fn
+        self._routers = [m for m in language_model.modules() if isinstance(m, PaddingAwareTopKRouter)]
 
+    # ------------------------------------------------------------------ the trainer's interface
+    def decoder_layers(self) -> list[torch.nn.Module]:
+        """The language decoder's layers on this pipeline stage, in order."""
+        return list(self.language_model.decoder.layers)
+
+    def flops_per_batch(self, batch: dict) -> float:
+        """Useful forward + backward FLOPs of the real tokens and images of a collated batch."""
+        if self._flops_fn is None:
+            raise NotImplementedError("this architecture gives no FLOP count (flops_fn)")
+        return float(self._flops_fn(batch))
+
+    # what megatron-core's schedules and finalize_model_grads ask of a model / pipeline stage
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
 
-    # what megatron-core's finalize_model_grads asks of a pipeline stage (embedding/output tying)
     @property
     def share_embeddings_and_output_weights(self) -> bool:
         return self.language_model.share_embeddings_and_output_weights
@@ -108,69 +135,55 @@ class MultimodalModel(MegatronModule):
                 f"{n_img_tok} image tokens (id {self.image_token_id}); grids: "
                 f"{batch['image_grid_thw'].tolist()}"
             )
-        mask = (tokens == self.image_token_id).transpose(0, 1)  # [s, b], like emb
         # Image tokens in (b, s) order are the images' order; emb is [s, b]: go through [b, s].
         emb_bs = emb.transpose(0, 1)
-        mask_bs = mask.transpose(0, 1)
+        mask_bs = tokens == self.image_token_id
         emb_bs = emb_bs.masked_scatter(mask_bs.unsqueeze(-1), img.to(emb.dtype))
         return emb_bs.transpose(0, 1).contiguous()
 
-    def _cp_split_for_forward(self, batch: dict, decoder_input: Optional[torch.Tensor]) -> dict:
-        """One CP index for the embeddings and every per-token tensor."""
+    def _local(self, batch: dict, decoder_input: Optional[torch.Tensor], cp_index) -> dict:
+        """This CP rank's embeddings and per-token tensors: one index for all of them."""
         part = {k: batch[k] for k in _PER_TOKEN if batch.get(k) is not None}
-        for k in ("cu_seqlens", "cu_seqlens_padded"):
-            if batch.get(k) is not None:
-                part[k] = batch[k]
         if decoder_input is not None:
             part["decoder_input"] = decoder_input
         cp = ps.get_context_parallel_world_size()
-        return split_batch_for_cp(part, cp, ps.get_context_parallel_rank()) if cp > 1 else part
+        if cp == 1:
+            return part
+        rank = ps.get_context_parallel_rank()
+        if cp_index is None:
+            cp_index = cp_partition_index(batch, cp, rank)
+        return split_batch_for_cp(part, cp, rank, index=cp_index)
 
-    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+    def forward(self, batch: dict[str, Any], cp_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``batch``: the whole collated micro-batch; ``cp_index``: this CP rank's token index
+        (``cp_split.cp_partition_index``), computed here when not given."""
         decoder_input = self._embed(batch) if self.pre_process else None
-        local = self._cp_split_for_forward(batch, decoder_input)
+        local = self._local(batch, decoder_input, cp_index)
         padding_mask = local.get("padding_mask")
+        sequence_ids = local.get("sequence_ids")
         decoder_input = local.get("decoder_input")
         if self.config.sequence_parallel:
             if decoder_input is not None:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
             if padding_mask is not None:  # the same layout as the embeddings: [b, s/tp]
-                padding_mask = (
-                    tensor_parallel.scatter_to_sequence_parallel_region(padding_mask.transpose(0, 1).contiguous())
-                    .transpose(0, 1)
-                    .contiguous()
-                )
+                padding_mask = _sp_scatter_bs(padding_mask)
+            if sequence_ids is not None:
+                sequence_ids = _sp_scatter_bs(sequence_ids)
+        n_sequences = None if batch.get("cu_seqlens_padded") is None else batch["cu_seqlens_padded"].numel() - 1
+        for router in self._routers:  # [s_local, b] like the routers' tokens; None: BSHD rows
+            router.set_sequence_ids(None if sequence_ids is None else sequence_ids.transpose(0, 1), n_sequences)
         position_ids = local["position_ids"]
         if not self.mrope:
             position_ids = position_ids[0]  # text positions: the three MRoPE rows agree
         labels = local.get("labels")
         if labels is not None:
             labels = labels.clamp(min=0)  # -100 -> any id; loss_mask removes them
-        with self._packed_sequence_ids(batch, local):
-            return self.language_model(
-                input_ids=local["tokens"],
-                position_ids=position_ids,
-                attention_mask=None,
-                decoder_input=decoder_input,
-                labels=labels,
-                packed_seq_params=packed_seq_params_from_batch(batch),
-                padding_mask=padding_mask,
-            )
-
-    def _packed_sequence_ids(self, batch: dict, local: dict):
-        """THD: tell the routers which packed sample each of their tokens is in (seq_aux_loss
-        normalises per sample), in the routers' layout: CP-split, then SP-scattered."""
-        cu_p = batch.get("cu_seqlens_padded")
-        lbl = self.config.moe_router_load_balancing_type
-        if cu_p is None or "seq_aux_loss" not in (lbl if isinstance(lbl, (list, tuple)) else [lbl]):
-            return contextlib.nullcontext()
-        total = int(cu_p[-1])
-        ids = torch.bucketize(torch.arange(total, device=cu_p.device), cu_p[1:].long(), right=True).view(1, -1)
-        cp = ps.get_context_parallel_world_size()
-        if cp > 1:
-            part = {"seq_ids": ids, "cu_seqlens": batch["cu_seqlens"], "cu_seqlens_padded": cu_p}
-            ids = split_batch_for_cp(part, cp, ps.get_context_parallel_rank(), seq_dims={"seq_ids": 1})["seq_ids"]
-        ids = ids.transpose(0, 1).contiguous()  # [s, 1] like the hidden states
-        if self.config.sequence_parallel:
-            ids = tensor_parallel.scatter_to_sequence_parallel_region(ids)
-        return sequence_ids(ids, num_sequences=cu_p.numel() - 1)
+        return self.language_model(
+            input_ids=local["tokens"],
+            position_ids=position_ids,
+            attention_mask=None,
+            decoder_input=decoder_input,
+            labels=labels,
+            packed_seq_params=packed_seq_params_from_batch(batch),
+            padding_mask=padding_mask,
+        )

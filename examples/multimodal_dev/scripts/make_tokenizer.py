@@ -30,7 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 from multimodal_dev.data.shapes import COLOURS, NUMBER_WORDS, QUESTIONS, SHAPES, render_sample  # noqa: E402
-from multimodal_dev.data.providers import MOCK_WORDS  # noqa: E402
+from multimodal_dev.data.mock import MOCK_WORDS  # noqa: E402
 from multimodal_dev.data.tokenizer import (  # noqa: E402
     LOW_SPECIAL_TOKENS,
     NUM_REGULAR_IDS,

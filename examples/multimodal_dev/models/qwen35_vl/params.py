@@ -82,9 +82,9 @@ def count_parameters(variant: str, *, representative_layers: bool = False) -> di
     """Parameter counts of ``variant`` (see the module docstring), from our model built on meta.
 
     Builds under the initialised megatron ``parallel_state`` when it has a model-parallel size of 1
-    everywhere; without an initialised parallel state it runs in a one-rank gloo worker
-    (``megatron.mcore_ext.testing.run_distributed``). Sharded layouts are refused: local shards
-    would be counted.
+    everywhere; without an initialised parallel state it runs in a fresh one-rank process (gloo,
+    ``_count_in_fresh_process``), so the caller's process is left as it was. Sharded layouts are
+    refused: local shards would be counted.
     """
     from megatron.core import parallel_state as ps
 
@@ -99,15 +99,35 @@ def count_parameters(variant: str, *, representative_layers: bool = False) -> di
         if any(v != 1 for v in sizes.values()):
             raise ValueError(f"count_parameters needs an unsharded layout (all sizes 1), got {sizes}")
         return _count_here(variant, representative_layers)
-    from megatron.mcore_ext.testing import run_distributed
+    import concurrent.futures
+    import multiprocessing
 
-    return run_distributed(_count_here, 1, args=(variant, representative_layers))[0]
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_count_in_fresh_process, variant, representative_layers).result()
+
+
+def _count_in_fresh_process(variant: str, representative_layers: bool) -> dict[str, int]:
+    """One rank of a one-process gloo group with megatron's parallel state (CPU runtime on CPU)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron.mcore_ext import cpu_runtime
+    from megatron.mcore_ext.netutil import free_port
+
+    cpu_runtime.apply()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    ps.initialize_model_parallel()
+    try:
+        return _count_here(variant, representative_layers)
+    finally:
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
 
 
 def _count_here(variant: str, representative_layers: bool) -> dict[str, int]:
     from multimodal_dev.models.base import MultimodalModel
-    from multimodal_dev.models.qwen35_vl.language import build_qwen35_language_model
-    from multimodal_dev.models.qwen35_vl.model import configs_for_variant
+    from multimodal_dev.models.qwen35_vl.configuration import configs_for_variant
+    from multimodal_dev.models.qwen35_vl.model import build_qwen35_language_model
     from multimodal_dev.models.qwen35_vl.variants import GDN_FIELDS, get_variant
     from multimodal_dev.models.qwen35_vl.vision import Qwen35VisionTower, vision_param_count
 

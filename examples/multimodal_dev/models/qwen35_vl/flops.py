@@ -1,9 +1,9 @@
-"""Useful model FLOPs of one training step of a qwen35_vl variant on a collated batch (for MFU).
+"""Useful model FLOPs of one training step of a qwen35_vl model on a collated batch (for MFU).
 
-``model_flops_per_step(variant_cfg, batch)`` counts what the *real* (non-padding) tokens and image
-patches of ``batch`` need, forward + backward, so that the same samples give the same number in
-BSHD (padded rows) and THD (packed) layout: padding work is not useful work, and shows up as a
-lower MFU.
+``model_flops_per_step(text_cfg, vision_cfg, batch)`` (``MultimodalModel.flops_per_batch``) counts
+what the *real* (non-padding) tokens and image patches of ``batch`` need, forward + backward, so
+that the same samples give the same number in BSHD (padded rows) and THD (packed) layout: padding work is not
+useful work, and shows up as a lower MFU.
 
 Conventions (the usual ones, e.g. Megatron-LM / PaLM MFU):
 
@@ -48,6 +48,7 @@ not built yet and are refused.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -118,20 +119,24 @@ def _vision_forward_flops(vision: Mapping[str, Any], grids) -> int:
     return total
 
 
-def model_flops_per_step(variant_cfg: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, int]:
+def _fields(cfg) -> Mapping[str, Any]:
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+
+
+def model_flops_per_step(text: Any, vision: Any, batch: Mapping[str, Any]) -> dict[str, int]:
     """Useful forward+backward FLOPs of one step on ``batch`` (see the module docstring).
 
-    ``variant_cfg``: a qwen35_vl variant dict (``variants.get_variant(name)``: ``text`` and
-    ``vision`` sub-dicts in HF field names). ``batch``: a ``pack_or_pad_batch`` result, BSHD or
-    THD (only ``cu_seqlens`` / ``padding_mask`` and ``image_grid_thw`` are read).
+    ``text`` / ``vision``: ``Qwen35TextConfig`` / ``Qwen35VisionConfig`` or dicts in HF field names
+    (a variant's ``text`` and ``vision``). ``batch``: a ``pack_or_pad_batch`` result, BSHD or THD
+    (only ``cu_seqlens`` / ``padding_mask`` and ``image_grid_thw`` are read).
 
     Returns forward+backward FLOPs per part (``attention_projections``, ``attention_core``,
     ``router``, ``routed_experts``, ``shared_expert``, ``dense_mlp`` if any, ``lm_head``,
     ``vision``), their sum ``total``, and ``forward`` (the forward-only sum), as ints.
     """
     lengths = sample_lengths(batch)
-    parts = _text_forward_flops(variant_cfg["text"], lengths)
-    parts["vision"] = _vision_forward_flops(variant_cfg["vision"], batch.get("image_grid_thw"))
+    parts = _text_forward_flops(_fields(text), lengths)
+    parts["vision"] = _vision_forward_flops(_fields(vision), batch.get("image_grid_thw"))
     fwd = sum(parts.values())
     out = {k: FWD_BWD_FACTOR * v for k, v in parts.items()}
     out["total"] = FWD_BWD_FACTOR * fwd
