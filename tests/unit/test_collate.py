@@ -138,11 +138,11 @@ def batches(draw, min_samples=1, max_samples=4, images=True):
 # Independent references
 # ------------------------------------------------------------------------------------------------
 def ref_mrope(segments, total_len: int, merge: int = MERGE) -> list[tuple[int, int, int]]:
-    """Qwen2-VL / Qwen3-VL MRoPE ids, one token at a time.
+    """Qwen3.5 MRoPE ids, one token at a time (HF ``get_rope_index``, facts section 6).
 
     Text: all three ids = a running counter, which then advances by one. An image (t, h, w) with
     merge m is t*(h/m)*(w/m) tokens; token (ti, hi, wi) (row-major) gets (ti, hi, wi) + start,
-    where start is the counter when the image begins; afterwards counter = start + max(t, h/m, w/m).
+    where start is the counter when the image begins; afterwards counter = start + max(h/m, w/m).
     Padding after the sample continues like text.
     """
     ids = []
@@ -160,7 +160,7 @@ def ref_mrope(segments, total_len: int, merge: int = MERGE) -> list[tuple[int, i
                 for hi in range(gh):
                     for wi in range(gw):
                         ids.append((start + ti, start + hi, start + wi))
-            counter = start + max(t, gh, gw)
+            counter = start + max(gh, gw)
     while len(ids) < total_len:
         ids.append((counter, counter, counter))
         counter += 1
@@ -334,9 +334,10 @@ def test_reference_mrope_hand_example():
            (2, 2, 2), (2, 2, 3), (2, 2, 4), (2, 3, 2), (2, 3, 3), (2, 3, 4),
            (5, 5, 5), (6, 6, 6), (7, 7, 7), (8, 8, 8)]
     assert ref_mrope(segs, 12) == exp
-    # two frames, directly adjacent images, image first
+    # two frames, directly adjacent images, image first: the two frames advance the counter by
+    # max(h/m, w/m) = 1, not by t = 2 (Qwen3.5's rule; this example once encoded Qwen2-VL's)
     segs = [("image", (2, 2, 2)), ("image", (1, 2, 4)), ("text", 1)]
-    exp = [(0, 0, 0), (1, 0, 0), (2, 2, 2), (2, 2, 3), (4, 4, 4)]
+    exp = [(0, 0, 0), (1, 0, 0), (1, 1, 1), (1, 1, 2), (3, 3, 3)]
     assert ref_mrope(segs, 5) == exp
 
 
@@ -344,6 +345,19 @@ def test_mrope_position_ids_hand_example():
     out = mrope_position_ids(10, np.array([[2, 8]]), np.array([[1, 4, 6]]), 2, total_length=12)
     assert out.tolist() == [[a[i] for a in ref_mrope([("text", 2), ("image", (1, 4, 6)), ("text", 2)], 12)]
                             for i in range(3)]
+
+
+def test_mrope_multi_frame_image_advances_by_the_spatial_grid_only():
+    """Qwen3.5's rule (docs/qwen35_moe_facts.md section 6, HF ``get_rope_index``): after an image
+    the text continues at start + max(h/m, w/m), whatever its number of frames t -- not Qwen2-VL's
+    start + max(t, h/m, w/m). Worked by hand: text a b, an image of grid (3, 2, 2) with merge 2
+    (3 frames of one merged token each), text c d."""
+    out = mrope_position_ids(7, np.array([[2, 5]]), np.array([[3, 2, 2]]), 2)
+    assert out.tolist() == [
+        [0, 1, 2, 3, 4, 3, 4],  # temporal: the frames at start + t_idx, then text at start + 1
+        [0, 1, 2, 2, 2, 3, 4],  # height
+        [0, 1, 2, 2, 2, 3, 4],  # width
+    ]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ The batch contract is DESIGN.md section 2. The points that matter most:
   they restart at 0 for every packed sample. Text tokens advance all three components together; an
   image of grid (t, h, w) occupies ``t*h*w / merge**2`` tokens whose ids are the image's
   (t, h/merge, w/merge) coordinates offset by the position where the image starts; the text after
-  it continues at (largest id so far) + 1. Collate padding continues the count like text.
+  it continues at start + max(h/merge, w/merge) (Qwen3.5's rule, docs/qwen35_moe_facts.md section 6:
+  the number of frames does not advance it). Collate padding continues the count like text.
 * THD: every sample is padded to a multiple of ``divisible_by`` (so the context-parallel zigzag
   split and sequence parallelism can cut it evenly); ``cu_seqlens`` are the real boundaries,
   ``cu_seqlens_padded`` the padded ones, and ``sequence_ids`` [1, T] says which packed segment
@@ -241,7 +242,7 @@ def mrope_position_ids(
         out[0, start:end] = tt.reshape(-1) + base
         out[1, start:end] = hh.reshape(-1) + base
         out[2, start:end] = ww.reshape(-1) + base
-        next_pos = base + max(t, gh, gw)
+        next_pos = base + max(gh, gw)  # Qwen3.5: the spatial grid only, whatever the frame count
         cursor = end
     out[:, cursor:total] = np.arange(next_pos, next_pos + total - cursor)
     return out
