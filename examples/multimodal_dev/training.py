@@ -3,7 +3,7 @@
 One visible place for each concern:
 
 * ``initialize``: process group (NCCL on GPU, gloo on CPU after ``cpu_runtime.apply()``), megatron
-  parallel state from the run's ``Layout``, seeds, per-rank logging;
+  parallel state from the run's ``Layout``, seeds, per-rank logging (``startup.setup_logging``);
 * ``build_model_and_optimizer``: the registry's model (``BuildOptions`` from the flags),
   megatron-core's DDP wrapper, ``get_megatron_optimizer`` (distributed optimizer on request, GPU
   only), ``OptimizerParamScheduler``;
@@ -41,37 +41,6 @@ _RESOLVED_FIELDS = ("moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe
 
 # ------------------------------------------------------------------------------------------------
 # initialisation
-def _setup_logging(logging_args, rank: int) -> None:
-    fmt = "%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s"
-
-    class _RankFilter(logging.Filter):
-        def filter(self, record):
-            record.rank = rank
-            return True
-
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    if rank == 0:
-        h: logging.Handler = logging.StreamHandler(sys.stderr)
-    elif logging_args.log_dir:  # other ranks log to files (or only their warnings to stderr)
-        os.makedirs(logging_args.log_dir, exist_ok=True)
-        h = logging.FileHandler(os.path.join(logging_args.log_dir, f"rank{rank:05d}.log"))
-    else:
-        h = logging.StreamHandler(sys.stderr)
-        h.setLevel(logging.WARNING)
-    h.setFormatter(logging.Formatter(fmt))
-    h.addFilter(_RankFilter())
-    root.addHandler(h)
-    root.setLevel(logging.INFO)
-    for noisy in ("megatron", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # known, harmless notices of megatron-core 0.19.2 that would repeat in every run
-    for quiet in ("megatron.core.rerun_state_machine", "megatron.core.models.gpt.gpt_model",
-                  "megatron.core.dist_checkpointing.strategies.torch"):
-        logging.getLogger(quiet).setLevel(logging.ERROR)
-
-
 def initialize(cfg) -> bool:
     """Start the process group and megatron's parallel state. Returns True on CPU."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -79,6 +48,7 @@ def initialize(cfg) -> bool:
     from megatron.mcore_ext import cpu_runtime, fallbacks
     from megatron.mcore_ext.netutil import free_port
     from multimodal_dev.models import load_plugin
+    from multimodal_dev.startup import accelerator_summary, setup_logging
 
     on_cpu = cpu_runtime.apply()
     fallbacks.apply()  # foreach grad-norm / scale where megatron would loop per tensor (no apex/TE)
@@ -90,10 +60,8 @@ def initialize(cfg) -> bool:
         if not on_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("gloo" if on_cpu else "nccl")
-    _setup_logging(cfg.logging, dist.get_rank())
+    setup_logging(cfg.logging, dist.get_rank())
     if dist.get_rank() == 0:
-        from multimodal_dev.startup import accelerator_summary
-
         log.info(accelerator_summary())
     cfg.layout.initialize()
     for plugin in cfg.model.plugins:
@@ -116,6 +84,7 @@ def build_model_and_optimizer(cfg):
 
     from megatron.mcore_ext.ddp import BatchedGradDDP
     from megatron.mcore_ext.experts import GroupedGemmSequentialMLP
+    from megatron.mcore_ext.fallbacks import use_fused_adam
     from multimodal_dev.models import build_model
 
     options = cfg.build_options()
@@ -153,7 +122,7 @@ def build_model_and_optimizer(cfg):
         adam_beta2=o.adam_beta2, clip_grad=o.clip_grad, bf16=cfg.bf16, params_dtype=options.params_dtype,
         use_distributed_optimizer=o.use_distributed_optimizer,
     ), [ddp])
-    log.info("optimizer: fused AdamW kernel for %d parameter groups", _use_fused_adam(optimizer))
+    log.info("optimizer: fused AdamW kernel for %d parameter groups", use_fused_adam(optimizer))
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if o.warmup_iters else o.lr,
@@ -176,29 +145,6 @@ def build_model_and_optimizer(cfg):
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     return ddp, model, optimizer, scheduler, graphs
-
-
-def _use_fused_adam(optimizer) -> int:
-    """Switch megatron's torch (Adam)W to its fused kernel (one launch for all parameters).
-
-    Without TE/apex, megatron-core 0.19.2 builds ``torch.optim.AdamW`` with torch's default
-    (``foreach``) implementation and offers no switch; the fused one is the same update in one
-    kernel (CUDA, and CPU in recent torch). Set before the first step, so the optimizer state is
-    created for it. Returns the number of parameter groups switched.
-    """
-    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    n = 0
-    for opt in inner:
-        torch_opt = getattr(opt, "optimizer", None)
-        if not isinstance(torch_opt, (torch.optim.AdamW, torch.optim.Adam)) or "fused" not in torch_opt.defaults:
-            continue
-        for group in torch_opt.param_groups:
-            params = group["params"]
-            if params and all(p.is_floating_point() and p.device.type in ("cuda", "cpu") for p in params):
-                group["fused"], group["foreach"] = True, False
-                n += 1
-        torch_opt._step_supports_amp_scaling = True  # what torch sets when built with fused=True
-    return n
 
 
 # ------------------------------------------------------------------------------------------------

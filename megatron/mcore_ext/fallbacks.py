@@ -16,12 +16,16 @@ Also: the gradient clipping calls ``to_local_if_dtensor`` on every gradient twic
 that opens a ``torch.no_grad()`` context even for a plain tensor (~6.5 us each: ~13 ms of host
 time per ``proxy`` step, 1,044 gradients). ``clip_grads`` gets ``fast_to_local_if_dtensor``, the
 same function with the context only where there is a DTensor to convert.
+
+``use_fused_adam(optimizer)`` (called by the trainer on the optimizer it built) switches
+megatron's torch AdamW to torch's fused kernel, for which megatron-core 0.19.2 has no switch.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["apply", "foreach_l2_norm", "foreach_scale", "foreach_copy_this_to_that", "fast_to_local_if_dtensor"]
+__all__ = ["apply", "foreach_l2_norm", "foreach_scale", "foreach_copy_this_to_that", "fast_to_local_if_dtensor",
+           "use_fused_adam"]
 
 _applied = False
 
@@ -100,3 +104,26 @@ def apply() -> bool:
         changed = True
     _applied = True
     return changed
+
+
+def use_fused_adam(optimizer) -> int:
+    """Switch megatron's torch (Adam)W to its fused kernel (one launch for all parameters).
+
+    Without TE/apex, megatron-core 0.19.2 builds ``torch.optim.AdamW`` with torch's default
+    (``foreach``) implementation and offers no switch; the fused one is the same update in one
+    kernel (CUDA, and CPU in recent torch). Set before the first step, so the optimizer state is
+    created for it. Returns the number of parameter groups switched.
+    """
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    n = 0
+    for opt in inner:
+        torch_opt = getattr(opt, "optimizer", None)
+        if not isinstance(torch_opt, (torch.optim.AdamW, torch.optim.Adam)) or "fused" not in torch_opt.defaults:
+            continue
+        for group in torch_opt.param_groups:
+            params = group["params"]
+            if params and all(p.is_floating_point() and p.device.type in ("cuda", "cpu") for p in params):
+                group["fused"], group["foreach"] = True, False
+                n += 1
+        torch_opt._step_supports_amp_scaling = True  # what torch sets when built with fused=True
+    return n

@@ -36,14 +36,18 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
+from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
-
-from megatron.mcore_ext.router_diagnostics import RoutingDiagnostics, collect_router_diagnostics
+# collect_router_diagnostics is re-exported: the router's statistics are read through it
+from megatron.mcore_ext.router_diagnostics import (  # noqa: F401
+    RoutingDiagnostics,
+    all_reduced,
+    collect_router_diagnostics,
+    group_size,
+)
 
 __all__ = [
     "PaddingAwareTopKRouter",
@@ -60,17 +64,6 @@ LOAD_BALANCING_METRICS = {
     "global_aux_loss": "global_load_balancing_loss",
 }
 Z_LOSS_METRIC = "z_loss"
-
-
-def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
-    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-        t = t.clone()
-        dist.all_reduce(t, group=group)
-    return t
-
-
-def _group_size(group) -> int:
-    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
 
 
 class PaddingAwareTopKRouter(TopKRouter):
@@ -214,7 +207,7 @@ class PaddingAwareTopKRouter(TopKRouter):
         valid_f = None if valid is None or not (aux_on or diag_on) else valid.float()
         if aux_on:
             p_local = scores.sum(0) if valid_f is None else torch.mv(scores.t(), valid_f)
-            c = _all_reduce(counts, self.tp_cp_group)
+            c = all_reduced(counts, self.tp_cp_group)
             n_group = c.sum() / k  # valid tokens of the TP x CP group (each is routed to k experts)
             # _lbl_partial with one group: E * sum_i c_i / (k T) * p_i / T (0 when T == 0: c == 0)
             partial = torch.dot(c, p_local) * (E / k) / n_group.clamp_min(1.0).square()
@@ -248,7 +241,7 @@ class PaddingAwareTopKRouter(TopKRouter):
             n_local = valid.sum().to(torch.float32)
         else:
             n_local = torch.tensor(float(z.shape[0]), device=z.device)
-        n_global = _all_reduce(n_local.detach(), self.tp_cp_group)
+        n_global = all_reduced(n_local.detach(), self.tp_cp_group)
         # shares of coeff * mean over the valid tokens of the TP x CP group
         partial = z.sum() * coeff / n_global.clamp_min(1.0) * self._mtp_scale()
         if self.calculate_per_token_loss:
@@ -289,7 +282,7 @@ class PaddingAwareTopKRouter(TopKRouter):
         else:
             c_local = torch.zeros(num_groups, E, device=rm.device).index_add_(0, group_ids, rm)
             p_local = torch.zeros(num_groups, E, device=rm.device).index_add_(0, group_ids, scores.float())
-        c = _all_reduce(c_local.detach(), reduce_group)
+        c = all_reduced(c_local.detach(), reduce_group)
         T = c.sum(-1) / k  # [G]
         if accumulate:
             self.global_tokens_per_expert += c[0]
@@ -365,7 +358,7 @@ class PaddingAwareTopKRouter(TopKRouter):
         # Partials sum over TP x DP x CP to the global loss; DDP averages router grads over DP, so
         # the gradient-carrying copy is scaled by the DP size (CP is compensated by megatron's
         # aux-loss scale; with calculate_per_token_loss grads are summed, see _attach).
-        dp = _group_size(self.tp_dp_cp_group) // max(1, _group_size(self.tp_cp_group))
+        dp = group_size(self.tp_dp_cp_group) // max(1, group_size(self.tp_cp_group))
         return self._attach(
             probs, coeff=coeff, partial=partial, name=LOAD_BALANCING_METRICS["global_aux_loss"],
             reduce_group=self.tp_dp_cp_group, needs_dp_avg=False, group_valid=n_group, grad_scale=dp,

@@ -15,8 +15,21 @@ import math
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
-__all__ = ["RoutingDiagnostics", "collect_router_diagnostics"]
+__all__ = ["RoutingDiagnostics", "collect_router_diagnostics", "all_reduced", "group_size"]
+
+
+def all_reduced(t: torch.Tensor, group) -> torch.Tensor:
+    """A summed copy of ``t`` over ``group`` (``t`` itself when the group has one rank)."""
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def group_size(group) -> int:
+    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
 
 
 class RoutingDiagnostics(torch.nn.Module):
@@ -69,7 +82,8 @@ class RoutingDiagnostics(torch.nn.Module):
 
 @torch.no_grad()
 def collect_router_diagnostics(model, reset: bool = True) -> list[dict]:
-    """Reduce every padding-aware router's accumulated statistics to global values.
+    """Reduce every padding-aware router's accumulated statistics (each ``PaddingAwareTopKRouter``
+    holds a ``diagnostics``) to global values.
 
     Token counts and entropy sums are summed over the ranks that hold *different* tokens: DP x CP,
     and TP when sequence parallelism is on (without it the TP ranks see the same tokens). Must be
@@ -80,15 +94,13 @@ def collect_router_diagnostics(model, reset: bool = True) -> list[dict]:
     """
     from megatron.core import parallel_state as ps
 
-    from megatron.mcore_ext.router import PaddingAwareTopKRouter, _all_reduce
-
     out = []
-    for r in (m for m in model.modules() if isinstance(m, PaddingAwareTopKRouter)):
+    for r in (m for m in model.modules() if isinstance(getattr(m, "diagnostics", None), RoutingDiagnostics)):
         d = r.diagnostics
         packed = torch.cat([d.tokens_per_expert, d.entropy_sum[None], d.valid_tokens[None]])
-        packed = _all_reduce(packed, ps.get_data_parallel_group(with_context_parallel=True))
+        packed = all_reduced(packed, ps.get_data_parallel_group(with_context_parallel=True))
         if r.config.sequence_parallel:
-            packed = _all_reduce(packed, ps.get_tensor_model_parallel_group())
+            packed = all_reduced(packed, ps.get_tensor_model_parallel_group())
         tpe = packed[:-2]
         valid = float(packed[-1])
         mean_load, max_load, min_load = float(tpe.mean()), float(tpe.max()), float(tpe.min())

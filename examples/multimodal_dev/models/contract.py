@@ -107,8 +107,9 @@ class BuildOptions:
     def params_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.bf16 else torch.float32
 
-    def config_overrides(self) -> dict[str, Any]:
-        """``TransformerConfig`` fields that come from the trainer (on top of the architecture's)."""
+    def config_overrides(self, moe: bool = True) -> dict[str, Any]:
+        """``TransformerConfig`` fields that come from the trainer (on top of the architecture's);
+        ``moe=False``: without the MoE fields (an architecture without MoE layers)."""
         out: dict[str, Any] = dict(
             sequence_parallel=self.sequence_parallel,
             calculate_per_token_loss=self.per_token_loss,
@@ -121,7 +122,8 @@ class BuildOptions:
             out["variable_seq_lengths"] = True
         if self.cpu_initialization is not None:
             out["use_cpu_initialization"] = self.cpu_initialization
-        out.update(self.moe.config_overrides())
+        if moe:
+            out.update(self.moe.config_overrides())
         return out
 
 
