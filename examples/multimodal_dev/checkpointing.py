@@ -37,11 +37,16 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "scheduler_policy", "check_scheduler",
-           "TRACKER", "COMPLETE"]
+           "CheckpointError", "TRACKER", "COMPLETE"]
 
 log = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked (the message says why and what resolves it)."""
+
 COMPLETE = "COMPLETE"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 
@@ -210,7 +215,7 @@ def check_scheduler(saved: dict, scheduler, policy: str, path: str) -> None:
     if diff:
         lines = "; ".join(f"{_SCHEDULE_FIELDS[k][0]} ({_SCHEDULE_FIELDS[k][1]}): checkpoint {a!r}, flags {b!r}"
                           for k, a, b in diff)
-        raise ValueError(
+        raise CheckpointError(
             f"--load {path}: the checkpoint's learning-rate schedule differs from the flags: {lines}. Pass "
             "--override-opt-param-scheduler to continue with the flags' schedule, or "
             "--use-checkpoint-opt-param-scheduler to keep the checkpoint's"

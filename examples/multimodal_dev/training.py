@@ -319,8 +319,13 @@ def main(argv: Optional[list] = None) -> int:
     except ArgumentError as e:
         print(f"pretrain_multimodal.py: error: {e}", file=sys.stderr)
         return 2
+    from multimodal_dev.checkpointing import CheckpointError
+
     try:
         train(cfg)
+    except CheckpointError as e:
+        print(f"pretrain_multimodal.py: error: {e}", file=sys.stderr)
+        return 2
     finally:
         shutdown()
     return 0

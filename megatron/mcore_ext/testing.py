@@ -10,7 +10,11 @@
 
 Each call initialises ``parallel_state`` for the requested TP/PP/CP/EP(/ETP) layout (DP is what
 is left of the world size), seeds megatron's RNG tracker, runs the function on every rank and
-returns the per-rank results in rank order. Parallel state, the RNG tracker and the MoE aux-loss
+returns the per-rank results in rank order.
+
+The ranks are CPU ranks on every machine: they are started with ``CUDA_VISIBLE_DEVICES=""``, so
+on a GPU machine too they see no GPU and run megatron-core through the CPU runtime -- the same
+code path as in CI. ``gpu=True`` keeps the GPUs visible instead (tests of GPU kernels). Parallel state, the RNG tracker and the MoE aux-loss
 tracker are always torn down afterwards, also when the function raises.
 
 The ranks are kept alive between calls (one pool per world size; starting a process that imports
@@ -135,7 +139,7 @@ def _worker_main(rank: int, world_size: int, port: int, task_q, result_q) -> Non
 
 
 class _Pool:
-    def __init__(self, world_size: int, start_timeout: float = 300.0):
+    def __init__(self, world_size: int, gpu: bool = False, start_timeout: float = 300.0):
         ctx = mp.get_context("spawn")
         self.world_size = world_size
         port = _free_port()
@@ -150,8 +154,17 @@ class _Pool:
             )
             for r in range(world_size)
         ]
-        for p in self.procs:
-            p.start()
+        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if not gpu:  # the children inherit the environment they are started with
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        try:
+            for p in self.procs:
+                p.start()
+        finally:
+            if saved is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = saved
         self._collect(start_timeout, expect="ready")
 
     def _collect(self, timeout: float, expect: str) -> list[Any]:
@@ -201,7 +214,7 @@ class _Pool:
                 p.join(timeout=5)
 
 
-_POOLS: dict[int, _Pool] = {}
+_POOLS: dict[tuple[int, bool], _Pool] = {}
 
 
 def shutdown_pools() -> None:
@@ -227,21 +240,24 @@ def run_distributed(
     kwargs: dict | None = None,
     seed: int = 1234,
     timeout: float = 600.0,
+    gpu: bool = False,
 ) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks under the given parallel layout.
 
     ``fn`` must be importable by name (a module-level function) and its return value picklable.
-    Returns the list of per-rank return values, in rank order.
+    Returns the list of per-rank return values, in rank order. ``gpu``: keep the machine's GPUs
+    visible to the ranks (default: CPU ranks, see the module docstring).
     """
     layout = ParallelLayout(tp=tp, pp=pp, cp=cp, ep=ep, etp=etp)
     layout.validate(world_size)
-    pool = _POOLS.get(world_size)
+    key = (world_size, bool(gpu))
+    pool = _POOLS.get(key)
     if pool is None:
-        pool = _POOLS[world_size] = _Pool(world_size)
+        pool = _POOLS[key] = _Pool(world_size, gpu=gpu)
     try:
         return pool.run(fn, layout, seed, args, kwargs or {}, timeout)
     except BaseException as exc:
-        _POOLS.pop(world_size, None)
+        _POOLS.pop(key, None)
         pool.close(graceful=False)
         if isinstance(exc, DistributedTestError):
             raise DistributedTestError(f"{fn.__qualname__} on {layout}, world_size={world_size}: {exc}") from None

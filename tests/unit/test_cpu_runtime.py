@@ -12,7 +12,6 @@ from megatron.mcore_ext import cpu_runtime
 from megatron.mcore_ext.sharding import global_tensors, load_global_tensors, local_slices
 from megatron.mcore_ext.testing import run_distributed, tiny_moe_gpt
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-runtime tests: this machine has a GPU")
 
 B, S, V = 2, 16, 64
 
@@ -66,14 +65,24 @@ def _sharded(full_weights, full_grads, rows, num_layers, sequence_parallel=False
     }
 
 
-def test_patches_applied_only_without_gpu():
-    assert cpu_runtime.apply() is True
-    assert torch.cuda.current_device() == torch.device("cpu")
+def _applied_in_a_cpu_rank():
+    import os
+
     from megatron.core.transformer.utils import get_default_causal_mask
 
     mask = get_default_causal_mask(4)
-    assert mask.device.type == "cpu"
-    assert torch.equal(mask, torch.ones(4, 4, dtype=torch.bool).triu(1))
+    return dict(visible=os.environ.get("CUDA_VISIBLE_DEVICES"), applied=cpu_runtime.apply(),
+                current=str(torch.cuda.current_device()), mask_device=mask.device.type,
+                mask_ok=bool(torch.equal(mask, torch.ones(4, 4, dtype=torch.bool).triu(1))))
+
+
+def test_patches_applied_only_without_gpu():
+    """The test harness's ranks see no GPU on any machine (so these tests run on GPU nodes too) and
+    get the CPU runtime; a process that sees a GPU is never patched."""
+    got = run_distributed(_applied_in_a_cpu_rank, world_size=1)[0]
+    assert got == dict(visible="", applied=True, current="cpu", mask_device="cpu", mask_ok=True)
+    if torch.cuda.is_available():  # this process sees the GPU: apply() must refuse to patch it
+        assert cpu_runtime.apply() is False and not cpu_runtime.is_applied()
 
 
 def test_rng_tracker_streams_on_cpu():

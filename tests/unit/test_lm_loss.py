@@ -135,7 +135,5 @@ def _model_case():
     return True
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="compares on the CPU: megatron-core's router moves its "
-                    "weight to the GPU whenever one is present")
 def test_qwen35_training_loss_goes_through_the_chunked_head():
     assert run_distributed(_model_case, world_size=1) == [True]

@@ -315,3 +315,11 @@ def test_config_mapping_and_linear_attention_refused():
         language_state_from_hf({}, mixed_cfg)
     with pytest.raises(ValueError, match="mrope_section"):
         Qwen35TextConfig(**TEXT, partial_rotary_factor=0.25, mrope_section=[5, 3, 2])
+
+
+def test_top1_routing_is_refused_when_the_config_is_converted():
+    """HF gives the one chosen expert weight 1 (top-k renormalised over k = 1); megatron-core 0.19.2
+    demands moe_router_pre_softmax for top-1, which weighs it by its probability p. The two models
+    would differ, so num_experts_per_tok=1 is refused where the config is read, naming the setting."""
+    with pytest.raises(ValueError, match=r"num_experts_per_tok=1.*weight 1.*pre_softmax"):
+        Qwen35TextConfig(**dict(TEXT, num_experts_per_tok=1), partial_rotary_factor=0.625, mrope_section=[5, 3, 2])

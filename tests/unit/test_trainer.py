@@ -195,3 +195,67 @@ def test_thd_rows_padded_to_a_multiple_change_no_loss_or_routing(tmp_path):
         for k in ("lm_loss", "load_balancing_loss", "z_loss"):
             assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), (k, a[k], b[k])
         assert a["expert_tokens"] == b["expert_tokens"]
+
+
+# ------------------------------------------------------------------ the one-house issue's defects
+PLUGIN = ROOT / "tests" / "plugins" / "dense_vlm.py"
+
+
+def test_a_second_architecture_trains_through_the_entry_point(tmp_path):
+    """An architecture outside the package (tests/plugins/dense_vlm.py: dense, text + vision, no
+    MoE) registers itself and trains through pretrain_multimodal.py. Its all-dense decoder has no
+    MoE losses: they are logged as 0, never NaN (megatron's tracker divides by the MoE layers)."""
+    m = tmp_path / "m.jsonl"
+    r = _run(["--plugin", str(PLUGIN), "--model-arch", "dense_vlm_test", "--variant", "small",
+              "--dataset-provider", "mock", "--micro-batch-size", "2", "--seq-length", "256",
+              "--train-iters", "3", "--no-progress-bar", "--metrics-file", str(m)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = _metrics(m)
+    assert [x["iteration"] for x in recs] == [1, 2, 3]
+    for x in recs:
+        assert 0 < x["lm_loss"] < 10 and x["tokens"] > 0
+        assert x["load_balancing_loss"] == 0.0 and x["z_loss"] == 0.0  # finite: json would say NaN
+        assert x["expert_tokens"] == [] and x["router"] == []
+    assert "model dense_vlm_test/small" in r.stderr
+
+
+def test_architecture_owned_moe_settings_default_to_the_architecture(tmp_path):
+    """--moe-aux-loss-coeff left out = qwen35_vl's router_aux_loss_coef 0.001 (it once defaulted to
+    1e-2 and replaced the architecture's value); the resolved value is logged once at start."""
+    base = ["--variant", "tiny", "--dataset-provider", "mock", "--micro-batch-size", "2", "--seq-length", "256",
+            "--layout-independent-init", "--train-iters", "2", "--lr", "1e-2", "--no-progress-bar", "--seed", "7"]
+    out = {}
+    for name, extra in (("default", []), ("published", ["--moe-aux-loss-coeff", "0.001"]),
+                        ("ten_times", ["--moe-aux-loss-coeff", "0.01"])):
+        r = _run(base + extra + ["--metrics-file", str(tmp_path / f"{name}.jsonl")])
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[name] = (_metrics(tmp_path / f"{name}.jsonl")[-1]["lm_loss"], r.stderr)
+    assert out["default"][0] == out["published"][0] != out["ten_times"][0]
+    assert out["default"][1].count("resolved model settings") == 1
+    assert "moe_aux_loss_coeff=0.001" in out["default"][1]
+
+
+def test_a_changed_schedule_is_refused_at_load_and_the_two_flags_resolve_it(tmp_path):
+    """Continuing a 4-iteration run with --train-iters 8: megatron's scheduler would keep the
+    checkpoint's horizon and train iterations 5-8 at learning rate 0. It is refused, naming both
+    values and the two flags; --override-opt-param-scheduler continues with the flags' schedule,
+    --use-checkpoint-opt-param-scheduler keeps the checkpoint's and says the rate is 0."""
+    ckpt = tmp_path / "ckpt"
+    first = _run(COMMON + ["--train-iters", "4", "--save", str(ckpt)])
+    assert first.returncode == 0, first.stderr[-3000:]
+    more = COMMON + ["--train-iters", "8", "--load", str(ckpt)]
+    refused = _run(more + ["--metrics-file", str(tmp_path / "refused.jsonl")])
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "decay iterations (--lr-decay-iters (default: --train-iters)): checkpoint 4, flags 8" in refused.stderr
+    assert "--override-opt-param-scheduler" in refused.stderr and "--use-checkpoint-opt-param-scheduler" in refused.stderr
+    assert not (tmp_path / "refused.jsonl").exists()  # nothing was trained
+
+    flags = _run(more + ["--override-opt-param-scheduler", "--metrics-file", str(tmp_path / "flags.jsonl")])
+    assert flags.returncode == 0, flags.stderr[-3000:]
+    recs = _metrics(tmp_path / "flags.jsonl")
+    assert [x["iteration"] for x in recs] == [5, 6, 7, 8] and all(x["lr"] > 0 for x in recs)
+
+    kept = _run(more + ["--use-checkpoint-opt-param-scheduler", "--metrics-file", str(tmp_path / "kept.jsonl")])
+    assert kept.returncode == 0, kept.stderr[-3000:]
+    assert all(x["lr"] == 0.0 for x in _metrics(tmp_path / "kept.jsonl"))
+    assert "trains with learning rate 0" in kept.stderr

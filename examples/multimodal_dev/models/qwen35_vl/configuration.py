@@ -99,6 +99,13 @@ class Qwen35TextConfig:
                 f"int(head_dim={self.head_dim} * partial_rotary_factor={self.partial_rotary_factor})/2 "
                 f"= {self.rotary_dim // 2}"
             )
+        if self.num_experts and self.num_experts_per_tok == 1:
+            raise ValueError(
+                "num_experts_per_tok=1 is not supported: HF Qwen3.5 gives the chosen expert weight 1 (the "
+                "top-k weights are renormalised over k = 1), while megatron-core 0.19.2 requires "
+                "moe_router_pre_softmax for top-1 routing, which weighs the expert by its probability p; the "
+                "models would differ. Use num_experts_per_tok >= 2"
+            )
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act={self.hidden_act!r}: only 'silu' (SwiGLU) is supported")
         if self.attention_bias:
