@@ -9,8 +9,9 @@
 #    progress bar, a log line every 25 iterations, and at the start the unigram baseline (the loss
 #    of a model that ignores its inputs) for comparison: the loss falls well below it;
 # 3. writes metrics (JSONL, one object per iteration) to runs/tiny/metrics.jsonl, TensorBoard
-#    scalars to runs/tiny/tb and a checkpoint to runs/tiny/ckpt (run again with
-#    `--load runs/tiny/ckpt --train-iters 300` to continue).
+#    scalars to runs/tiny/tb and a checkpoint to runs/tiny/ckpt. To continue to 300 iterations:
+#    `bash scripts/train_tiny.sh --load runs/tiny/ckpt --train-iters 300 --override-opt-param-scheduler`
+#    (the flag takes the new schedule; without it the changed --train-iters is refused at load).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

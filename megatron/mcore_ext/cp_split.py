@@ -10,7 +10,7 @@ same attention work.
   rank ``r``'s tokens are the concatenation, in sample order, of its two chunks of each sample.
   This is the index Transformer Engine's ``thd_get_partitioned_indices`` returns.
 
-``split_batch_for_cp`` applies one index to every per-token tensor of a batch (DESIGN.md, section 2),
+``split_batch_for_cp`` applies one index to every per-token tensor of a batch (docs/batch.md),
 so that no tensor can be forgotten: a tensor key it does not know raises.
 """
 from __future__ import annotations

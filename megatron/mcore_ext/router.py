@@ -1,7 +1,7 @@
 """A TopKRouter whose routing statistics ignore padding exactly, under TP/SP, EP, CP and DP.
 
 Plug it in through the MoE layer spec (``MoESubmodules.router``); see ``use_padding_aware_router``.
-``padding_mask`` follows megatron-core 0.19.2's *code* (and DESIGN.md section 2): True = a position
+``padding_mask`` follows megatron-core 0.19.2's *code* (and docs/batch.md): True = a position
 the collate added. (Some 0.19.2 docstrings, e.g. ``TopKRouter.routing``, say the opposite.)
 
 Conventions. Every rank of the TP x CP group that shares a sequence computes a *partial* loss; the

@@ -40,7 +40,7 @@ experts, shared expert (+ its gate), LM head at every real token, vision tower p
 blocks with per-frame attention, merger). Padding is not counted, so BSHD's padding shows as
 lower MFU. MFU = model FLOPs / step time / peak; the peak is the H100 SXM bf16 dense spec,
 989 TFLOP/s, on H100/H200 (override with --peak-tflops; the achieved bf16 GEMM rate is measured
-and printed next to it, ~800 TFLOP/s on an H100 per DESIGN.md section 7).
+and printed next to it, ~800 TFLOP/s on an H100, docs/performance.md).
 
 Examples::
 

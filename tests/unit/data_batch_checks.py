@@ -1,5 +1,5 @@
 """Shared check for the data tests: a collated batch against the samples it was made from
-(DESIGN.md section 2), derived from the samples' lengths, never from the batch's own labels."""
+(docs/batch.md), derived from the samples' lengths, never from the batch's own labels."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""``pack_or_pad_batch`` against the batch contract (DESIGN.md section 2), property-based.
+"""``pack_or_pad_batch`` against the batch contract (docs/batch.md), property-based.
 
 Every expectation here is derived independently of the code under test: samples are generated
 from a small "segment" description (text runs and images), and the expected batch -- tokens,

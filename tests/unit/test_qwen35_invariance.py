@@ -1,4 +1,4 @@
-"""qwen35_vl tiny, one process: padding and layout invariance of the whole model (DESIGN §3.1-3.2).
+"""qwen35_vl tiny, one process: padding and layout invariance of the whole model (docs/invariants.md, 1-2).
 
 The same image+text samples as BSHD (padded), THD without padding and THD padded to a multiple of
 8 give the same masked LM loss, the same recorded router losses (aux and z) and expert counts, and

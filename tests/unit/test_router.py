@@ -188,7 +188,7 @@ def test_parallel_invariance_tp_sp_and_cp(split, world, layout, lb_type):
 
 
 def test_all_padding_rank_is_finite_and_exact():
-    """SP: rank 1 holds nothing but padding (DESIGN §3.5)."""
+    """SP: rank 1 holds nothing but padding (docs/invariants.md, 5)."""
     x, w, pad = _data(seed=2, all_pad_tail=True)
     ref = _reference(x, w, pad, "aux_loss")
     results = run_distributed(_on_rank, 2, tp=2, args=("tp_sp", x, w, pad, "aux_loss"))
@@ -292,7 +292,7 @@ def _upstream_z_on_rank(x, w, pad):
 
 
 def test_upstream_z_loss_is_biased_under_cp_and_ours_is_not():
-    """DESIGN §3 suspect, confirmed: upstream weights CP ranks equally whatever their valid counts."""
+    """Suspected in the design notes, confirmed: upstream weights CP ranks equally whatever their valid counts."""
     x, w, pad = _data(seed=6)
     ref = _reference(x, w, pad, None)
     upstream = sum(run_distributed(_upstream_z_on_rank, 2, cp=2, args=(x, w, pad)))

@@ -1,4 +1,4 @@
-"""The padding-aware router inside a whole (tiny) MoE GPTModel: DESIGN.md section 3, end to end.
+"""The padding-aware router inside a whole (tiny) MoE GPTModel: docs/invariants.md, end to end.
 
 ``test_router.py`` checks the router on its own against formulas; here the same invariants are
 checked through megatron-core's GPTModel (our THD/CP attention, learned absolute positions, the

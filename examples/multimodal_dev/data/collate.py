@@ -1,6 +1,6 @@
 """``pack_or_pad_batch``: samples (text tokens + images) -> a padded BSHD or a packed THD batch.
 
-The batch contract is DESIGN.md section 2. The points that matter most:
+The batch contract is docs/batch.md. The points that matter most:
 
 * ``padding_mask`` (bool) is True exactly at positions this collate added, and nowhere else. It is
   *not* ``~loss_mask``: prompt tokens have ``loss_mask == 0`` but are real tokens that the MoE
@@ -249,7 +249,7 @@ def mrope_position_ids(
 
 
 def pack_or_pad_batch(samples: Sequence[Mapping], config: CollateConfig) -> dict[str, Any]:
-    """Collate ``samples`` into a BSHD or THD batch (DESIGN.md section 2).
+    """Collate ``samples`` into a BSHD or THD batch (docs/batch.md).
 
     Each sample is a mapping with ``tokens`` (1-D ints) and ``labels`` (same length; -100 where no
     loss), and optionally ``pixel_values`` ([num_patches, patch_dim]) with ``image_grid_thw``
