@@ -394,8 +394,10 @@ def test_fast_routing_equals_generic_path(case):
     fast, gen = res[True], res[False]
     torch.testing.assert_close(fast["probs"], gen["probs"], rtol=0, atol=0)
     assert torch.equal(fast["map"], gen["map"])
-    torch.testing.assert_close(fast["grad_in"], gen["grad_in"], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(fast["grad_w"], gen["grad_w"], rtol=1e-5, atol=1e-7)
+    # fp32 summation order: an absolute tolerance below the gradients' own fp32 resolution (2.4e-7
+    # at |g| ~ 2, the pre-softmax case) cannot hold; 1e-6 of the gradient's scale is ~4 ulp there
+    for k in ("grad_in", "grad_w"):
+        torch.testing.assert_close(fast[k], gen[k], rtol=1e-5, atol=1e-6 * float(gen[k].abs().max()))
     assert fast["metrics"].keys() == gen["metrics"].keys()
     for name in gen["metrics"]:
         torch.testing.assert_close(fast["metrics"][name], gen["metrics"][name], rtol=1e-5, atol=1e-8)
