@@ -7,7 +7,6 @@ One visible place for each concern:
 * ``build_model_and_optimizer``: the registry's model (``BuildOptions`` from the flags),
   megatron-core's DDP wrapper, ``get_megatron_optimizer`` (distributed optimizer on request, GPU
   only), ``OptimizerParamScheduler``;
-* ``build_data``: the data provider and this rank's ``MicroBatchStream`` (``data.stream``);
 * ``train_step``: one iteration -- ``get_forward_backward_func`` over its micro-batches (gradient
   accumulation), then the optimizer step with gradient clipping;
 * ``train``: the loop, metrics (``metrics.py``) and checkpoints (``checkpointing.py``).
@@ -31,7 +30,7 @@ import torch.distributed as dist
 
 log = logging.getLogger("multimodal_dev.training")
 
-__all__ = ["initialize", "build_model_and_optimizer", "build_data", "train_step", "train", "main"]
+__all__ = ["initialize", "build_model_and_optimizer", "train_step", "train", "main"]
 
 # TransformerConfig fields the architecture owns unless a flag set them: logged once at start
 _RESOLVED_FIELDS = ("moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_z_loss_coeff",
@@ -148,37 +147,6 @@ def build_model_and_optimizer(cfg):
 
 
 # ------------------------------------------------------------------------------------------------
-# data
-def data_config(cfg, model):
-    """The provider's ``DataConfig`` for this run: vocabulary and vision settings from the model."""
-    from multimodal_dev.data.providers import DataConfig, available_providers
-
-    if cfg.data.provider not in available_providers():
-        raise ValueError(f"--dataset-provider {cfg.data.provider!r} is unknown; available: {available_providers()}")
-    d = cfg.data
-    return DataConfig.from_data_spec(model.data_spec, provider=d.provider, data_path=list(d.data_path),
-                                     seed=cfg.seed, tokenizer_path=d.tokenizer, max_bad_samples=d.max_bad_samples)
-
-
-def build_data(cfg, model, *, reads_data: bool, dp_rank: int, dp_size: int, state=None):
-    """``(provider, stream)``: the provider and, on the ranks that read data, this DP rank's
-    ``MicroBatchStream`` (None elsewhere)."""
-    from multimodal_dev.data.providers import build_provider
-    from multimodal_dev.data.stream import MicroBatchStream
-
-    d = cfg.data
-    provider = build_provider(data_config(cfg, model))
-    if not reads_data:
-        return provider, None
-    collate = provider.collate_config(layout="thd" if d.packed else "bshd", target_seqlen=d.seq_length,
-                                      divisible_by=cfg.layout.seq_multiple, truncate=d.truncate,
-                                      row_multiple=d.row_multiple if d.packed else 1)
-    stream = MicroBatchStream(provider, collate, micro_batch_size=d.micro_batch_size,
-                              num_microbatches=d.num_microbatches, dp_rank=dp_rank, dp_size=dp_size, state=state)
-    return provider, stream
-
-
-# ------------------------------------------------------------------------------------------------
 def train_step(cfg, forward_backward, ddp, optimizer, scheduler, micro_batches, batch_hook):
     """One iteration: forward and backward over its micro-batches, then the optimizer step.
     Returns ``(losses per micro-batch, lr used, grad norm, whether the update was applied)``."""
@@ -237,6 +205,7 @@ def train(cfg) -> list[dict]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from multimodal_dev import checkpointing, metrics
+    from multimodal_dev.data.stream import open_data
 
     initialize(cfg)
     rank = dist.get_rank()
@@ -250,9 +219,9 @@ def train(cfg) -> list[dict]:
             cfg.checkpoint.load, model, optimizer, scheduler,
             scheduler_policy=checkpointing.scheduler_policy(cfg.optimizer))
     tp_rank = ps.get_tensor_model_parallel_rank()
-    provider, stream = build_data(cfg, model, reads_data=cfg.layout.reads_data(tp_rank),
-                                  dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
-                                  state=data_state)
+    provider, stream = open_data(cfg.data, model.data_spec, seed=cfg.seed, seq_multiple=cfg.layout.seq_multiple,
+                                 reads_data=cfg.layout.reads_data(tp_rank), dp_rank=ps.get_data_parallel_rank(),
+                                 dp_size=ps.get_data_parallel_world_size(), state=data_state)
     if stream is not None and iteration and data_state is None:
         stream.skip_iterations(iteration)
     counts_here = cfg.layout.counts_once(tp_rank, ps.get_context_parallel_rank(),

@@ -16,6 +16,9 @@ Samples longer than the collate's ``target_seqlen`` are skipped and counted by t
 iterator unless the collate truncates them. ``state_dict()`` is the sample position (saved with a
 checkpoint); a stream opened with it yields what the uninterrupted one would have, whatever the
 micro-batch size of the resumed run.
+
+``open_data(data_args, data_spec, ...)`` builds a run's provider (vocabulary and vision settings from
+the model's ``DataSpec``) and, on the ranks that read data, its stream.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from typing import Optional
 
 from multimodal_dev.data.collate import CollateConfig, pack_or_pad_batch
 
-__all__ = ["MicroBatchStream"]
+__all__ = ["MicroBatchStream", "open_data"]
 
 
 class MicroBatchStream:
@@ -83,3 +86,26 @@ class MicroBatchStream:
                for i in range(self.num_microbatches)]
         self.micro_batches += len(out)
         return out
+
+
+def open_data(data_args, data_spec, *, seed: int, seq_multiple: int, reads_data: bool, dp_rank: int,
+              dp_size: int, state: Optional[Mapping] = None):
+    """``(provider, stream)`` of a run: ``data_args`` is the trainer's data section (provider,
+    paths, tokenizer, batch sizes, sequence length, layout), ``data_spec`` the model's; the stream
+    is None on ranks that do not read data."""
+    from multimodal_dev.data.providers import DataConfig, available_providers, build_provider
+
+    d = data_args
+    if d.provider not in available_providers():
+        raise ValueError(f"--dataset-provider {d.provider!r} is unknown; available: {available_providers()}")
+    provider = build_provider(DataConfig.from_data_spec(
+        data_spec, provider=d.provider, data_path=list(d.data_path), seed=seed, tokenizer_path=d.tokenizer,
+        max_bad_samples=d.max_bad_samples))
+    if not reads_data:
+        return provider, None
+    collate = provider.collate_config(layout="thd" if d.packed else "bshd", target_seqlen=d.seq_length,
+                                      divisible_by=seq_multiple, truncate=d.truncate,
+                                      row_multiple=d.row_multiple if d.packed else 1)
+    stream = MicroBatchStream(provider, collate, micro_batch_size=d.micro_batch_size,
+                              num_microbatches=d.num_microbatches, dp_rank=dp_rank, dp_size=dp_size, state=state)
+    return provider, stream
