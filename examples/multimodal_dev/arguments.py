@@ -40,6 +40,7 @@ class ModelArgs:
     grouped_experts: bool
     sync_free_dispatch: bool
     chunked_lm_loss: bool
+    gdn_kernels: str
     layout_independent_init: bool
     padding_mask: bool  # False: --no-padding-mask (comparisons only)
     cuda_graph_layers: bool
@@ -114,6 +115,7 @@ class RunConfig:
             grouped_experts=m.grouped_experts,
             sync_free_dispatch=m.sync_free_dispatch,
             chunked_lm_loss=m.chunked_lm_loss,
+            gdn_kernels=m.gdn_kernels,
             layout_independent_init=m.layout_independent_init,
             seed=self.seed,
             bf16=self.bf16,
@@ -188,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute the training loss from the LM head in token chunks (megatron.mcore_ext."
                         "lm_loss) instead of from full [tokens, vocab] logits: less memory, one more LM-head "
                         "GEMM per step (docs/performance.md)")
+
+    g.add_argument("--gdn-kernels", default="auto", choices=["auto", "fla", "torch"],
+                   help="Gated DeltaNet kernels: flash-linear-attention (GPU) or our pure-PyTorch ones; auto = "
+                        "fla when it imports and a GPU is present")
 
     g = p.add_argument_group("MoE (None = the architecture's value)")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=None, help="default: the architecture's (qwen35_vl: 0.001)")
@@ -319,6 +325,7 @@ def _model(a: argparse.Namespace, layout: Layout) -> ModelArgs:
     return ModelArgs(arch=a.model_arch, variant=a.variant, transformer_impl=a.transformer_impl,
                      plugins=tuple(a.plugin), grouped_experts=not a.no_grouped_experts,
                      sync_free_dispatch=not a.no_sync_free_dispatch, chunked_lm_loss=a.chunked_lm_loss,
+                     gdn_kernels=a.gdn_kernels,
                      layout_independent_init=a.layout_independent_init, padding_mask=not a.no_padding_mask,
                      cuda_graph_layers=a.cuda_graph_layers, moe=moe)
 

@@ -10,7 +10,8 @@ tokens per expert.
 Groups:
   main     the reference (``bshd``) and the parallel layouts that must agree with it;
   bias     aux-loss-free balancing (sigmoid scores + expert bias): its own curve;
-  padding  a heavily padded BSHD run (--seq-length 512) with and without the padding mask.
+  padding  a heavily padded BSHD run (--seq-length 512) with and without the padding mask;
+  hybrid   tiny-hybrid (Gated DeltaNet layers) and the layouts that must agree with it.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ IMPLIED_BY_GOLDEN = ["--moe-aux-loss-coeff", "1e-2"]
 # Later flags override earlier ones (argparse), so a case may change e.g. --seq-length.
 BIAS = ["--moe-router-enable-expert-bias", "--moe-router-score-function", "sigmoid"]
 PADDED = ["--seq-length", "512"]
+HYBRID = ["--variant", "tiny-hybrid"]
 
 # The per-iteration fields a golden file keeps.
 GOLDEN_FIELDS = ("lm_loss", "load_balancing_loss", "z_loss", "expert_tokens", "tokens", "padding_tokens")
@@ -83,12 +85,21 @@ CASES: list[Case] = [
     Case("bias", 1, tuple(BIAS), "bias", "expert bias + sigmoid scores, one process"),
     Case("bias_ep2", 2, (*BIAS, "--expert-model-parallel-size", "2"), "bias",
          "expert bias + sigmoid scores, expert parallel 2"),
+    Case("hybrid", 1, tuple(HYBRID), "hybrid", "tiny-hybrid (3 Gated DeltaNet + 1 full attention), BSHD, one process"),
+    Case("hybrid_thd", 1, (*HYBRID, "--use-packed-sequence"), "hybrid",
+         "tiny-hybrid packed: the GDN state resets at every packed sample"),
+    Case("hybrid_tp2_sp", 2, (*HYBRID, "--tensor-model-parallel-size", "2", "--sequence-parallel"), "hybrid",
+         "tiny-hybrid, tensor parallel 2 + SP: GDN heads split"),
+    Case("hybrid_cp2_thd", 2, (*HYBRID, "--context-parallel-size", "2", "--use-packed-sequence"), "hybrid",
+         "tiny-hybrid, context parallel 2 on THD: GDN's all-to-all to head parallel"),
+    Case("hybrid_pp2", 2, (*HYBRID, "--pipeline-model-parallel-size", "2"), "hybrid",
+         "tiny-hybrid, pipeline parallel 2: a stage of GDN layers only"),
     Case("bshd_pad512", 1, tuple(PADDED), "padding", "BSHD rows of 512: mostly padding, mask on"),
     Case("bshd_pad512_nomask", 1, (*PADDED, "--no-padding-mask"), "padding",
          "the same with --no-padding-mask: the routers see the padding"),
 ]
 BY_NAME = {c.name: c for c in CASES}
-REFERENCE = {"main": "bshd", "bias": "bias"}  # the run each layout of a group must equal
+REFERENCE = {"main": "bshd", "bias": "bias", "hybrid": "hybrid"}  # the run each layout of a group must equal
 
 
 class RunError(RuntimeError):

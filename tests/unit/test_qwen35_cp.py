@@ -1,4 +1,4 @@
-"""qwen35_vl tiny under CP=2 (BSHD zigzag and THD) against one process, through MultimodalModel:
+"""qwen35_vl tiny (and tiny-hybrid) under CP=2 (BSHD zigzag and THD) against one process, through MultimodalModel:
 per-token losses, router losses (partials summed over CP), expert counts and gradients (summed
 over CP ranks, which is what DDP's average times megatron's CP loss scaling amounts to)."""
 import pytest
@@ -9,7 +9,7 @@ from megatron.mcore_ext.testing import run_distributed
 from test_qwen35_invariance import IMG, _samples
 
 
-def _run(layout):
+def _run(layout, variant="tiny"):
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
@@ -20,7 +20,7 @@ def _run(layout):
 
     MoEAuxLossAutoScaler.main_loss_backward_scale = torch.tensor(1.0)
     torch.manual_seed(0)  # identical initial weights on every rank and layout
-    model = build_model("qwen35_vl", "tiny", BuildOptions(moe=MoEOptions(aux_loss_coeff=0.01, z_loss_coeff=1e-3)))
+    model = build_model("qwen35_vl", variant, BuildOptions(moe=MoEOptions(aux_loss_coeff=0.01, z_loss_coeff=1e-3)))
     with torch.no_grad():
         g = torch.Generator().manual_seed(1)
         for p in model.parameters():
@@ -43,10 +43,13 @@ def _run(layout):
     }
 
 
+@pytest.mark.parametrize("variant", ["tiny", "tiny-hybrid"])
 @pytest.mark.parametrize("layout", ["bshd", "thd"])
-def test_cp2_matches_one_process(layout):
-    ref = run_distributed(_run, 1, args=(layout,))[0]
-    res = run_distributed(_run, 2, cp=2, args=(layout,))
+def test_cp2_matches_one_process(layout, variant):
+    """tiny-hybrid: the Gated DeltaNet layers' all-to-all (context to head parallel) composes
+    with the zigzag / per-sample CP split: each head sees its whole sequence in order."""
+    ref = run_distributed(_run, 1, args=(layout, variant))[0]
+    res = run_distributed(_run, 2, cp=2, args=(layout, variant))
     for r in res:
         torch.testing.assert_close(r["losses"], ref["losses"][..., r["idx"]], rtol=1e-5, atol=1e-5)
         assert r["counts"] == ref["counts"]  # diagnostics are reduced over CP already

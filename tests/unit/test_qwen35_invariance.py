@@ -4,6 +4,7 @@ The same image+text samples as BSHD (padded), THD without padding and THD padded
 8 give the same masked LM loss, the same recorded router losses (aux and z) and expert counts, and
 the same gradients for every parameter (vision tower included).
 """
+import pytest
 import torch
 
 from megatron.mcore_ext.testing import run_distributed
@@ -29,7 +30,7 @@ def _samples():
     return out
 
 
-def _run_layouts():
+def _run_layouts(variant="tiny"):
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
@@ -38,7 +39,7 @@ def _run_layouts():
     from multimodal_dev.models import BuildOptions, MoEOptions, build_model
 
     MoEAuxLossAutoScaler.main_loss_backward_scale = torch.tensor(1.0)
-    model = build_model("qwen35_vl", "tiny", BuildOptions(moe=MoEOptions(aux_loss_coeff=0.01, z_loss_coeff=1e-3)))
+    model = build_model("qwen35_vl", variant, BuildOptions(moe=MoEOptions(aux_loss_coeff=0.01, z_loss_coeff=1e-3)))
     with torch.no_grad():  # non-trivial norms (zero-centred weights start at 0)
         g = torch.Generator().manual_seed(1)
         for p in model.parameters():
@@ -69,8 +70,11 @@ def _run_layouts():
     return out
 
 
-def test_padding_and_layout_invariance_whole_model():
-    out = run_distributed(_run_layouts, 1)[0]
+@pytest.mark.parametrize("variant", ["tiny", "tiny-hybrid"])
+def test_padding_and_layout_invariance_whole_model(variant):
+    """tiny-hybrid: Gated DeltaNet layers see neither the BSHD padding tails nor, packed, the
+    other samples (their state and conv window reset at every sample)."""
+    out = run_distributed(_run_layouts, 1, args=(variant,))[0]
     ref = out["thd"]
     assert ref["padding"] == 0 and out["bshd32"]["padding"] > 40 and out["thd8"]["padding"] > 0
     assert set(ref["metrics"]) == {"load_balancing_loss", "z_loss"}

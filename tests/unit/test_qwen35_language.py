@@ -293,7 +293,7 @@ def test_qkv_layout_is_megatrons_grouped_order(hf, text_cfg, converted):
     assert torch.equal(qkv[1, 5], a[p + "v_proj.weight"].view(2, 32, 64)[1])
 
 
-def test_config_mapping_and_linear_attention_refused():
+def test_config_mapping_and_linear_attention_layers():
     cfg = Qwen35TextConfig(**TEXT, rope_theta=1e7, partial_rotary_factor=0.625, mrope_section=[5, 3, 2])
     tc = cfg.to_transformer_config(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                                    context_parallel_size=1, expert_model_parallel_size=1,
@@ -307,12 +307,18 @@ def test_config_mapping_and_linear_attention_refused():
     assert kw["rotary_percent"] == 0.625 and kw["rotary_base"] == 1e7 and kw["position_embedding_type"] == "mrope"
     assert not kw["share_embeddings_and_output_weights"]
 
-    mixed = dict(TEXT, num_hidden_layers=4, layer_types=["linear_attention", "full_attention"] * 2)
+    # linear_attention layers (Gated DeltaNet, once refused here) map onto megatron's per-layer pattern
+    mixed = dict(TEXT, num_hidden_layers=4, layer_types=["linear_attention", "full_attention"] * 2,
+                 linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16)
     mixed_cfg = Qwen35TextConfig(**mixed, partial_rotary_factor=0.625, mrope_section=[5, 3, 2])
-    with pytest.raises(NotImplementedError, match=r"\[0, 2\]"):
-        mixed_cfg.to_transformer_config(1, 1, 1, 1, 1)
-    with pytest.raises(NotImplementedError, match=r"\[0, 2\]"):
-        language_state_from_hf({}, mixed_cfg)
+    mc = mixed_cfg.to_transformer_config(1, 1, 1, 1, 1)
+    assert mc.experimental_attention_variant == "gated_delta_net" and mc.linear_attention_freq == [1, 0, 1, 0]
+    assert (mc.linear_num_key_heads, mc.linear_num_value_heads, mc.linear_key_head_dim) == (2, 4, 16)
+    with pytest.raises(KeyError, match="layers.0.linear_attn.in_proj_qkv.weight"):
+        language_state_from_hf({"model.language_model.embed_tokens.weight": torch.zeros(1),
+                                "model.language_model.layers.0.input_layernorm.weight": torch.zeros(1),
+                                "model.language_model.layers.0.post_attention_layernorm.weight": torch.zeros(1)},
+                               mixed_cfg)
     with pytest.raises(ValueError, match="mrope_section"):
         Qwen35TextConfig(**TEXT, partial_rotary_factor=0.25, mrope_section=[5, 3, 2])
 

@@ -69,6 +69,7 @@ class BuildOptions:
     padding_aware_router: ``PaddingAwareTopKRouter`` in every MoE layer (padding excluded from
         every routing statistic); off only for comparisons.
     chunked_lm_loss: the training loss from the LM head in token chunks (``mcore_ext.lm_loss``).
+    gdn_kernels: Gated DeltaNet kernels: "fla", "torch" or "auto" (``mcore_ext.gdn``).
     layout_independent_init / seed: every global weight drawn from a generator seeded by its name,
         so every parallel layout starts from the same model.
     bf16, sequence_parallel, variable_seq_lengths: the matching ``TransformerConfig`` fields.
@@ -83,6 +84,7 @@ class BuildOptions:
     sync_free_dispatch: bool = True
     padding_aware_router: bool = True
     chunked_lm_loss: bool = False
+    gdn_kernels: str = "auto"
     layout_independent_init: bool = False
     seed: int = 1234
     bf16: bool = False

@@ -63,6 +63,7 @@ def _gdn_attention(config, options: BuildOptions):
         input_layernorm, in_proj = backend.layer_norm(rms_norm=rms, for_qk=False), backend.column_parallel_linear()
     mixer = ModuleSpec(
         module=KernelGatedDeltaNet,
+        params={"kernels": options.gdn_kernels},
         submodules=GatedDeltaNetSubmodules(
             in_proj=in_proj,
             out_norm=backend.layer_norm(rms_norm=rms, for_qk=False),

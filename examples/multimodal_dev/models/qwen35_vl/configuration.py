@@ -16,6 +16,9 @@ MoE: softmax -> top-k -> renorm  ``moe_router_score_function="softmax"``, ``pre_
 experts SwiGLU [gate; up]        ``gated_linear_unit=True`` + silu
 shared expert + sigmoid gate     ``moe_shared_expert_intermediate_size``, ``moe_shared_expert_gate``
 lm_head (untied)                 ``output_layer``, ``share_embeddings_and_output_weights=False``
+layer_types linear_attention     ``experimental_attention_variant="gated_delta_net"`` with the
+(Gated DeltaNet)                 per-layer ``linear_attention_freq`` list and the ``linear_*`` sizes;
+                                 built as ``mcore_ext.gdn.KernelGatedDeltaNet`` (models/spec.py)
 =============================== ==================================================================
 
 ``configs_for_variant(name)`` gives the (text, vision) configs and the token ids of a named
@@ -31,7 +34,7 @@ from typing import Any, Optional
 import torch
 
 from multimodal_dev.models.contract import DataSpec
-from multimodal_dev.models.qwen35_vl.variants import GDN_FIELDS, get_variant
+from multimodal_dev.models.qwen35_vl.variants import get_variant
 from multimodal_dev.models.qwen35_vl.vision import Qwen35VisionConfig
 
 __all__ = ["Qwen35TextConfig", "configs_for_variant", "configs_from_hf", "data_spec", "TOKEN_FIELDS"]
@@ -71,6 +74,12 @@ class Qwen35TextConfig:
     max_position_embeddings: int = 32768
     hidden_act: str = "silu"
     attention_bias: bool = False
+    # Gated DeltaNet (layer_types "linear_attention")
+    linear_conv_kernel_dim: int = 4
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32
 
     def __post_init__(self):
         n = self.num_hidden_layers
@@ -110,6 +119,9 @@ class Qwen35TextConfig:
             raise ValueError(f"hidden_act={self.hidden_act!r}: only 'silu' (SwiGLU) is supported")
         if self.attention_bias:
             raise NotImplementedError("attention_bias=True is not supported (Qwen3.5 has none)")
+        if self.linear_attention_layers and self.linear_num_value_heads % self.linear_num_key_heads:
+            raise ValueError(f"linear_num_value_heads={self.linear_num_value_heads} must be a multiple of "
+                             f"linear_num_key_heads={self.linear_num_key_heads}")
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -158,11 +170,6 @@ class Qwen35TextConfig:
 
         from megatron.mcore_ext.spec import LOCAL_SPEC_CONFIG
 
-        if self.linear_attention_layers:
-            raise NotImplementedError(
-                f"layers {self.linear_attention_layers} are 'linear_attention' (Gated DeltaNet), which "
-                "is not implemented yet; only 'full_attention' layers are supported"
-            )
         init = ps.model_parallel_is_initialized()
 
         def size(v, getter):
@@ -216,6 +223,17 @@ class Qwen35TextConfig:
             attention_dropout=0.0,
             **LOCAL_SPEC_CONFIG,
         )
+        linear = self.linear_attention_layers
+        if linear:  # Gated DeltaNet at these layers (megatron's per-layer pattern: 1 = linear)
+            kw.update(
+                experimental_attention_variant="gated_delta_net",
+                linear_attention_freq=[1 if i in linear else 0 for i in range(self.num_hidden_layers)],
+                linear_conv_kernel_dim=self.linear_conv_kernel_dim,
+                linear_key_head_dim=self.linear_key_head_dim,
+                linear_value_head_dim=self.linear_value_head_dim,
+                linear_num_key_heads=self.linear_num_key_heads,
+                linear_num_value_heads=self.linear_num_value_heads,
+            )
         kw.update(overrides)
         return TransformerConfig(**kw)
 
@@ -234,8 +252,7 @@ class Qwen35TextConfig:
 def configs_for_variant(variant: str) -> tuple[Qwen35TextConfig, Qwen35VisionConfig, dict]:
     """(text config, vision config, token ids) of a named variant."""
     v = get_variant(variant)
-    text = {k: val for k, val in v["text"].items() if k not in GDN_FIELDS}
-    return Qwen35TextConfig(**text), Qwen35VisionConfig(**v["vision"]), {k: v[k] for k in TOKEN_FIELDS}
+    return Qwen35TextConfig(**v["text"]), Qwen35VisionConfig(**v["vision"]), {k: v[k] for k in TOKEN_FIELDS}
 
 
 def configs_from_hf(hf_config: Any) -> tuple[Qwen35TextConfig, Qwen35VisionConfig]:

@@ -25,8 +25,8 @@ Scope: full, unsharded state dicts (TP = PP = EP = 1, the whole model in one dic
 checkpoints go through megatron's ``sharded_state_dict`` / ``dist_checkpointing``: convert a
 full state dict here, load it into a TP=1 model (or shard it with
 ``megatron.mcore_ext.sharding.load_global_tensors``) and save with ``dist_checkpointing``, which
-reshards on load. Gated DeltaNet (``linear_attention``) layers are not supported yet (the language
-converter raises, naming the layers).
+reshards on load. Gated DeltaNet (``linear_attention``) layers convert like the others (see
+``_gdn_from_hf``).
 """
 from __future__ import annotations
 
@@ -64,6 +64,8 @@ _EXTRA = "_extra_state"
 #                                                              [q heads of g | gate heads of g | k_g | v_g]
 #   decoder.layers.{L}.self_attention.q_layernorm.weight / k_layernorm.weight
 #   decoder.layers.{L}.self_attention.linear_proj.weight
+#   decoder.layers.{L}.self_attention.in_proj.weight / conv1d.weight / dt_bias / A_log /
+#                     out_norm.weight / out_proj.weight           (Gated DeltaNet layers)
 #   decoder.layers.{L}.pre_mlp_layernorm.weight
 #   decoder.layers.{L}.mlp.router.weight
 #   decoder.layers.{L}.mlp.experts.local_experts.{e}.linear_fc1.weight  [gate; up]
@@ -162,7 +164,11 @@ def _dims_from_megatron(sd: Mapping[str, torch.Tensor]) -> _Dims:
     layers = _layer_ids(sd, r"^decoder\.layers\.(\d+)\.")
     if not layers:
         raise ValueError("megatron state dict: no decoder layers")
-    a = f"decoder.layers.{layers[0]}.self_attention."
+    lin = [L for L in layers if f"decoder.layers.{L}.self_attention.in_proj.weight" in sd]
+    full = [L for L in layers if L not in lin]
+    if not full:
+        raise ValueError("megatron state dict: no full-attention layer to read the attention shapes from")
+    a = f"decoder.layers.{full[0]}.self_attention."
     hd = sd[a + "q_layernorm.weight"].shape[0]
     nh = sd[a + "linear_proj.weight"].shape[1] // hd
     ng = (sd[a + "linear_qkv.weight"].shape[0] // hd - 2 * nh) // 2
@@ -173,14 +179,36 @@ def _dims_from_megatron(sd: Mapping[str, torch.Tensor]) -> _Dims:
         E = sd[p + "router.weight"].shape[0]
         I = sd[p + "experts.local_experts.0.linear_fc2.weight"].shape[-1]
         Is = sd[p + "shared_experts.linear_fc2.weight"].shape[-1]
-    return _Dims(nh, ng, hd, len(layers), E, I, Is, moe, "output_layer.weight" not in sd, [])
+    return _Dims(nh, ng, hd, len(layers), E, I, Is, moe, "output_layer.weight" not in sd, lin)
 
 
-def _refuse_linear_attention(cfg) -> None:
-    if cfg.linear_attention_layers:
-        raise NotImplementedError(
-            f"layers {cfg.linear_attention_layers} are linear_attention (Gated DeltaNet): not supported yet"
-        )
+# Gated DeltaNet: megatron's fused in_proj is [q | k | v | z | beta | alpha] (GatedDeltaNet's
+# in_proj_split_names); HF keeps in_proj_qkv ([q | k | v], the conv1d's channels), in_proj_z,
+# in_proj_b and in_proj_a apart. Every other GDN tensor is the same tensor under another name
+# (out_norm has a plain gamma on our side too: mcore_ext.gdn).
+_GDN_SAME = (("conv1d.weight", "conv1d.weight"), ("dt_bias", "dt_bias"), ("A_log", "A_log"),
+             ("norm.weight", "out_norm.weight"), ("out_proj.weight", "out_proj.weight"))
+
+
+def _gdn_from_hf(take, h: str, m: str, out: dict) -> None:
+    a = h + "linear_attn."
+    out[m + "self_attention.in_proj.weight"] = torch.cat(
+        [take(a + "in_proj_qkv.weight"), take(a + "in_proj_z.weight"), take(a + "in_proj_b.weight"),
+         take(a + "in_proj_a.weight")])
+    for hf, ours in _GDN_SAME:
+        out[m + "self_attention." + ours] = take(a + hf)
+
+
+def _gdn_to_hf(take, m: str, h: str, out: dict) -> None:
+    g = m + "self_attention."
+    conv_rows = take(g + "conv1d.weight").shape[0]  # 2 * key_dim + value_dim
+    value_dim, heads = take(g + "out_proj.weight").shape[1], take(g + "A_log").shape[0]
+    qkv, z, b, a_ = torch.split(take(g + "in_proj.weight"), [conv_rows, value_dim, heads, heads])
+    a = h + "linear_attn."
+    out.update({a + "in_proj_qkv.weight": qkv, a + "in_proj_z.weight": z, a + "in_proj_b.weight": b,
+                a + "in_proj_a.weight": a_})
+    for hf, ours in _GDN_SAME:
+        out[a + hf] = take(g + ours)
 
 
 class _KeyTaker:
@@ -229,7 +257,6 @@ def language_state_from_hf(
     """
     lm, head = _strip_hf_prefix(hf_sd)
     cfg = _as_dims(cfg) or _dims_from_hf(lm, head)
-    _refuse_linear_attention(cfg)
     take = _KeyTaker(lm, "HF state dict", "HF language keys", prefix=HF_LM_PREFIX)
 
     out: dict[str, torch.Tensor] = {"embedding.word_embeddings.weight": take("embed_tokens.weight")}
@@ -238,13 +265,16 @@ def language_state_from_hf(
         h, m = f"layers.{L}.", f"decoder.layers.{L}."
         out[m + "input_layernorm.weight"] = take(h + "input_layernorm.weight")
         out[m + "pre_mlp_layernorm.weight"] = take(h + "post_attention_layernorm.weight")
-        a = h + "self_attn."
-        out[m + "self_attention.linear_qkv.weight"] = _qkv_from_hf(
-            take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight"), cfg
-        )
-        out[m + "self_attention.q_layernorm.weight"] = take(a + "q_norm.weight")
-        out[m + "self_attention.k_layernorm.weight"] = take(a + "k_norm.weight")
-        out[m + "self_attention.linear_proj.weight"] = take(a + "o_proj.weight")
+        if L in cfg.linear_attention_layers:
+            _gdn_from_hf(take, h, m, out)
+        else:
+            a = h + "self_attn."
+            out[m + "self_attention.linear_qkv.weight"] = _qkv_from_hf(
+                take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight"), cfg
+            )
+            out[m + "self_attention.q_layernorm.weight"] = take(a + "q_norm.weight")
+            out[m + "self_attention.k_layernorm.weight"] = take(a + "k_norm.weight")
+            out[m + "self_attention.linear_proj.weight"] = take(a + "o_proj.weight")
         if cfg.moe_layer_pattern[L]:
             p = h + "mlp."
             out[m + "mlp.router.weight"] = take(p + "gate.weight")
@@ -293,7 +323,6 @@ def language_state_to_hf(
     """
     sd = {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
     cfg = _as_dims(cfg) or _dims_from_megatron(sd)
-    _refuse_linear_attention(cfg)
     P = HF_LM_PREFIX
     take = _KeyTaker(sd, "megatron state dict", "megatron keys")
 
@@ -303,12 +332,15 @@ def language_state_to_hf(
         h, m = f"{P}layers.{L}.", f"decoder.layers.{L}."
         out[h + "input_layernorm.weight"] = take(m + "input_layernorm.weight")
         out[h + "post_attention_layernorm.weight"] = take(m + "pre_mlp_layernorm.weight")
-        a = h + "self_attn."
-        q, k, v = _qkv_to_hf(take(m + "self_attention.linear_qkv.weight"), cfg)
-        out[a + "q_proj.weight"], out[a + "k_proj.weight"], out[a + "v_proj.weight"] = q, k, v
-        out[a + "q_norm.weight"] = take(m + "self_attention.q_layernorm.weight")
-        out[a + "k_norm.weight"] = take(m + "self_attention.k_layernorm.weight")
-        out[a + "o_proj.weight"] = take(m + "self_attention.linear_proj.weight")
+        if L in cfg.linear_attention_layers:
+            _gdn_to_hf(take, m, h, out)
+        else:
+            a = h + "self_attn."
+            q, k, v = _qkv_to_hf(take(m + "self_attention.linear_qkv.weight"), cfg)
+            out[a + "q_proj.weight"], out[a + "k_proj.weight"], out[a + "v_proj.weight"] = q, k, v
+            out[a + "q_norm.weight"] = take(m + "self_attention.q_layernorm.weight")
+            out[a + "k_norm.weight"] = take(m + "self_attention.k_layernorm.weight")
+            out[a + "o_proj.weight"] = take(m + "self_attention.linear_proj.weight")
         p = h + "mlp."
         if cfg.moe_layer_pattern[L]:
             out[p + "gate.weight"] = take(m + "mlp.router.weight")

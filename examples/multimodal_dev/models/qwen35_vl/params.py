@@ -1,39 +1,31 @@
 """Parameter counts of a qwen35_vl variant, from our model built on the meta device.
 
 ``count_parameters(variant)`` builds our ``MultimodalModel`` (the megatron-core Qwen3.5 decoder
-with its local spec + our vision tower) under ``torch.device("meta")`` with
-``perform_initialization=False``: no parameter memory is allocated and no init kernel runs (with
-the initialisation on, megatron's CPU init of 512 experts on meta costs ~1.7 s per layer; without
-it a 397B-A17B layer takes ~0.35 s and a 35B-A3B layer ~0.18 s on one CPU core).
+with its local spec, Gated DeltaNet layers included, + our vision tower) under
+``torch.device("meta")`` with ``perform_initialization=False``: no init kernel runs and the big
+tensors take no memory (megatron-core 0.19.2's GDN puts its small ``conv1d``, ``dt_bias`` and
+``A_log`` on the current device regardless; they are counted all the same). A 397B-A17B layer
+takes ~0.35 s, a 35B-A3B layer ~0.18 s on one CPU core.
 
-Gated DeltaNet (``linear_attention``) token mixers cannot be built yet. The decoder is therefore
-built with **every** layer as full attention (same layer count, same MLPs), and then
+Every count comes from the built modules; ``gdn_layer_param_count`` (the formula of
+docs/qwen35_moe_facts.md section 3.4, ``conv_dim*(H+K) + 2*value_dim*H + 2*nv*H + 2*nv + dv``)
+cross-checks the built Gated DeltaNet mixers. ``total`` is HF's module count (MTP excluded: it is
+not part of HF's ``Qwen3_5MoeForConditionalGeneration`` either).
 
-* ``language_built`` = the built decoder minus the full-attention token mixer (``self_attention``:
-  linear_qkv, q/k norms, linear_proj) of every linear-attention position, each mixer counted on
-  the built layer itself (nothing hard-coded); that is the decoder we can build: all layers with
-  their norms and MoE MLPs, full-attention mixers at full-attention positions only;
-* ``linear_attention`` = the Gated DeltaNet mixers from the formula of docs/qwen35_moe_facts.md
-  section 3.4: ``conv_dim*(H+K) + 2*value_dim*H + 2*nv*H + 2*nv + dv`` per layer
-  (``key_dim = nk*dk``, ``value_dim = nv*dv``, ``conv_dim = 2*key_dim + value_dim``);
-* ``total = language_built + linear_attention + vision`` (HF's module count; MTP excluded, it is
-  not part of HF's ``Qwen3_5MoeForConditionalGeneration`` either).
-
-``representative_layers=True`` builds one layer per distinct layer kind (MoE / dense MLP) instead of
-all of them, and counts every layer as its kind's built layer. This is exact because layers of one
-kind are structurally identical in the built (all-full-attention) decoder; the tests check it
-against the full build.
+``representative_layers=True`` builds one layer per distinct layer kind (token mixer x MLP kind)
+instead of all of them, and counts every layer as its kind's built layer. This is exact because
+layers of one kind are structurally identical; the tests check it against the full build.
 
 Keys of the returned dict (ints):
 
 ========================== ==========================================================================
 total                      language + vision (HF ``Qwen3_5MoeForConditionalGeneration``)
 vision                     vision tower incl. merger (built; equals ``vision_param_count``)
-language                   language_built + linear_attention (HF text total incl. lm_head)
-language_built             see above
-linear_attention           Gated DeltaNet token mixers (formula), reported apart
-full_attention             full-attention token mixers at full-attention positions (built)
-all_full_attention_total   the built model as is (every layer full attention) + vision
+language                   the text model incl. lm_head
+linear_attention           Gated DeltaNet token mixers (built; equal to the formula)
+full_attention             full-attention token mixers
+all_full_attention_total   what the model would count with every layer full attention (the facts
+                           sheet's comparison figure)
 embedding, output_layer    word embedding, untied lm_head (0 when tied)
 final_norm, layer_norms    final norm; the 2 norms per layer (both layer kinds have them)
 routed_experts             all routed experts of all MoE layers
@@ -53,7 +45,11 @@ from typing import Optional
 
 import torch
 
-__all__ = ["count_parameters", "gdn_layer_param_count", "format_counts"]
+__all__ = ["count_parameters", "gdn_layer_param_count", "format_counts", "GDN_SIZES"]
+
+#: the Qwen3.5 text-config fields that size a Gated DeltaNet mixer
+GDN_SIZES = ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
+             "linear_num_value_heads")
 
 
 def gdn_layer_param_count(hidden_size: int, gdn: dict) -> int:
@@ -128,40 +124,28 @@ def _count_here(variant: str, representative_layers: bool) -> dict[str, int]:
     from multimodal_dev.models.base import MultimodalModel
     from multimodal_dev.models.qwen35_vl.configuration import configs_for_variant
     from multimodal_dev.models.qwen35_vl.model import build_qwen35_language_model
-    from multimodal_dev.models.qwen35_vl.variants import GDN_FIELDS, get_variant
     from multimodal_dev.models.qwen35_vl.vision import Qwen35VisionTower, vision_param_count
 
     text_cfg, vision_cfg, tokens = configs_for_variant(variant)
-    raw_text = get_variant(variant)["text"]
     L = text_cfg.num_hidden_layers
-    moe = list(text_cfg.moe_layer_pattern)
-    linear = set(text_cfg.linear_attention_layers)
-    gdn = {k: raw_text[k] for k in GDN_FIELDS if k in raw_text}
-    if linear and len(gdn) != len(GDN_FIELDS):
-        missing = sorted(set(GDN_FIELDS) - set(gdn))
-        raise ValueError(f"{variant}: has linear-attention layers but no Gated DeltaNet sizes {missing}")
-
-    # Which built layer stands for each of the L layers.
+    kinds_of = list(zip(text_cfg.layer_types, text_cfg.moe_layer_pattern))  # (token mixer, MoE?) per layer
     if representative_layers:
-        kinds = list(dict.fromkeys(moe))  # distinct MLP kinds in order of appearance
-        built_pattern = kinds
-        rep = [kinds.index(m) for m in moe]
+        kinds = list(dict.fromkeys(kinds_of))  # distinct kinds in order of appearance
+        rep = [kinds.index(k) for k in kinds_of]
     else:
-        built_pattern = moe
-        rep = list(range(L))
-    n_built = len(built_pattern)
-    build_cfg = dataclasses.replace(
-        text_cfg, num_hidden_layers=n_built, layer_types=["full_attention"] * n_built, moe_layer_pattern=built_pattern
-    )
+        kinds, rep = kinds_of, list(range(L))
+    n_built = len(kinds)
+    build_cfg = dataclasses.replace(text_cfg, num_hidden_layers=n_built, layer_types=[k[0] for k in kinds],
+                                    moe_layer_pattern=[k[1] for k in kinds])
     with torch.device("meta"):
         lm = build_qwen35_language_model(build_cfg, perform_initialization=False)
         vision = Qwen35VisionTower(vision_cfg) if lm.pre_process else None
     model = MultimodalModel(lm, vision, image_token_id=tokens["image_token_id"], mrope=True)
-    params = list(model.parameters())
-    not_meta = sorted({p.device.type for p in params} - {"meta"})
-    if not_meta:
-        raise RuntimeError(f"count_parameters: parameters allocated on {not_meta}, expected meta only")
-    built_total = sum(p.numel() for p in params)
+    gdn_own_device = (".self_attention.conv1d.weight", ".self_attention.dt_bias", ".self_attention.A_log")
+    stray = sorted(n for n, p in model.named_parameters() if p.device.type != "meta" and not n.endswith(gdn_own_device))
+    if stray:
+        raise RuntimeError(f"count_parameters: parameters allocated off the meta device: {stray[:5]}")
+    built_total = sum(p.numel() for p in model.parameters())
 
     layers = lm.decoder.layers
     if len(layers) != n_built:
@@ -190,8 +174,7 @@ def _count_here(variant: str, representative_layers: bool) -> dict[str, int]:
     output_layer = _numel(lm.output_layer) if lm.post_process and not lm.share_embeddings_and_output_weights else 0
     final_norm = _numel(lm.decoder.final_layernorm) if getattr(lm.decoder, "final_layernorm", None) else 0
     n_vision = _numel(vision)
-    decoder_layers_built = sum(per_layer)
-    if embedding + output_layer + final_norm + decoder_layers_built + n_vision != built_total:
+    if embedding + output_layer + final_norm + sum(per_layer) + n_vision != built_total:
         raise RuntimeError("count_parameters: the model has parameters outside the known groups")
     if vision is not None and n_vision != vision_param_count(vision_cfg):
         raise RuntimeError(f"vision tower: built {n_vision} != formula {vision_param_count(vision_cfg)}")
@@ -199,35 +182,36 @@ def _count_here(variant: str, representative_layers: bool) -> dict[str, int]:
     def over_layers(values, which=range(L)):
         return sum(values[rep[i]] for i in which)
 
+    linear = [i for i in range(L) if text_cfg.layer_types[i] == "linear_attention"]
     full_idx = [i for i in range(L) if i not in linear]
-    layers_all_full = over_layers(per_layer)
-    language_built = embedding + output_layer + final_norm + layers_all_full - over_layers(mixer, sorted(linear))
-    linear_attention = len(linear) * gdn_layer_param_count(text_cfg.hidden_size, gdn) if linear else 0
-    language = language_built + linear_attention
-    routed = over_layers(experts)
-    inactive = sum(
-        (text_cfg.num_experts - text_cfg.num_experts_per_tok) * one_expert[rep[i]] for i in range(L) if moe[i]
-    )
-    active_language = language - inactive
+    gdn = {k: getattr(text_cfg, k) for k in GDN_SIZES}
+    for i in linear:
+        if mixer[rep[i]] != gdn_layer_param_count(text_cfg.hidden_size, gdn):
+            raise RuntimeError(f"layer {i}: built Gated DeltaNet {mixer[rep[i]]} != formula "
+                               f"{gdn_layer_param_count(text_cfg.hidden_size, gdn)}")
+    language = embedding + output_layer + final_norm + over_layers(per_layer)
+    inactive = sum((text_cfg.num_experts - text_cfg.num_experts_per_tok) * one_expert[rep[i]]
+                   for i in range(L) if text_cfg.moe_layer_pattern[i])
+    full_mixer = mixer[rep[full_idx[0]]] if full_idx else 0
+    linear_attention = over_layers(mixer, linear)
     return dict(
         total=language + n_vision,
         vision=n_vision,
         language=language,
-        language_built=language_built,
         linear_attention=linear_attention,
         full_attention=over_layers(mixer, full_idx),
-        all_full_attention_total=embedding + output_layer + final_norm + layers_all_full + n_vision,
+        all_full_attention_total=language + n_vision - linear_attention + len(linear) * full_mixer,
         embedding=embedding,
         output_layer=output_layer,
         final_norm=final_norm,
         layer_norms=over_layers(norms),
-        routed_experts=routed,
+        routed_experts=over_layers(experts),
         per_expert=max(one_expert) if one_expert else 0,
         routers=over_layers(routers),
         shared_experts=over_layers(shared),
         dense_mlps=over_layers(dense),
-        active_language=active_language,
-        active=active_language + n_vision,
+        active_language=language - inactive,
+        active=language - inactive + n_vision,
         num_layers=L,
         num_linear_attention_layers=len(linear),
         num_full_attention_layers=len(full_idx),

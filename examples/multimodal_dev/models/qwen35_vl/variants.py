@@ -1,27 +1,25 @@
 """Sizes of the qwen35_vl architecture, in HF ``Qwen3_5MoeConfig`` terms (text + vision).
 
 * ``tiny``: CPU tests in seconds (all layers full attention).
+* ``tiny-hybrid``: ``tiny`` with 4 layers in the published pattern (3 Gated DeltaNet, then full
+  attention), small GDN heads (2 key / 4 value heads of 16): CPU tests of the hybrid model.
 * ``proxy``: about 1-2 B total parameters, trains on one GPU (all layers full attention).
+* ``proxy-hybrid``: ``proxy``'s sizes with the published layer pattern (9 Gated DeltaNet + 3 full
+  attention) and the 35B-A3B GDN heads (16 key / 32 value heads of 128).
 * ``35B-A3B``, ``122B-A10B``, ``397B-A17B``: the published Qwen3.5 configurations (values and
-  sources in docs/qwen35_moe_facts.md section 9). Their linear-attention (Gated DeltaNet) layers
-  are not built yet: ``layer_types`` names them, and the parameter counting reports them apart.
+  sources in docs/qwen35_moe_facts.md section 9), hybrid: every fourth layer full attention.
 """
 from __future__ import annotations
 
 import copy
 
-__all__ = ["VARIANTS", "GDN_FIELDS", "get_variant", "full_attention_every"]
+__all__ = ["VARIANTS", "get_variant", "full_attention_every"]
 
 
 def full_attention_every(num_layers: int, interval: int = 4) -> list[str]:
     """HF's rule: layer i is full attention when (i + 1) % interval == 0, else linear attention."""
     return ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(num_layers)]
 
-
-# Gated DeltaNet (linear attention) sizes: not part of Qwen35TextConfig until those layers exist;
-# used to report their parameters apart.
-GDN_FIELDS = ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
-              "linear_num_key_heads", "linear_num_value_heads")
 
 _COMMON_TEXT = dict(
     vocab_size=248320,
@@ -117,6 +115,18 @@ VARIANTS: dict[str, dict] = {
     "122B-A10B": _published(3072, 48, 32, 64, 256, 8, 1024, 1024),
     "397B-A17B": _published(4096, 60, 32, 64, 512, 10, 1024, 1024),
 }
+
+
+def _hybrid(base: str, num_layers: int, **gdn) -> dict:
+    """``base`` with ``num_layers`` layers in HF's default pattern (every fourth full attention)."""
+    v = copy.deepcopy(VARIANTS[base])
+    v["text"].update(num_hidden_layers=num_layers, layer_types=full_attention_every(num_layers), **gdn)
+    return v
+
+
+VARIANTS["tiny-hybrid"] = _hybrid("tiny", 4, linear_conv_kernel_dim=4, linear_key_head_dim=16,
+                                  linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4)
+VARIANTS["proxy-hybrid"] = _hybrid("proxy", 12, linear_num_key_heads=16, linear_num_value_heads=32)
 
 
 def get_variant(name: str) -> dict:

@@ -1,0 +1,220 @@
+"""megatron-core 0.19.2's ``GatedDeltaNet`` with its kernels chosen where it is built.
+
+Qwen3.5's linear-attention layers are Gated DeltaNet (GDN). megatron-core's ``GatedDeltaNet``
+(``megatron/core/ssm/gated_delta_net``) owns the parameters (one fused ``in_proj`` for
+q | k | v | z | beta | alpha, the depthwise ``conv1d``, ``dt_bias``, ``A_log``, ``out_norm``,
+``out_proj``), their initialisation, their tensor-parallel sharding and their checkpoint layout
+(``sharded_state_dict``), and the context-parallel all-to-alls. ``KernelGatedDeltaNet`` keeps all
+of that and changes three things, chosen in the layer spec (``models/spec.py``):
+
+1. The kernels -- causal conv1d, l2norm and the chunked gated delta rule -- come from ``kernels``:
+   ``"fla"`` (flash-linear-attention, GPU) or ``"torch"`` (``mcore_ext.gdn_kernels``: pure
+   PyTorch, any device, packed rows included), ``"auto"`` = fla when it imports and a GPU is
+   present. megatron's own forward calls fla's functions by module name and its torch fallback
+   (deterministic mode) refuses packed input, so the forward here is ours, step for step the same
+   as megatron's: in_proj -> CP all-to-all (context to head parallel) -> conv1d + SiLU -> l2norm of
+   q, k -> g = -exp(A_log) softplus(alpha + dt_bias), beta = sigmoid(beta) -> gated delta rule
+   (state reset at every packed sample, ``cu_seqlens_padded``) -> out_norm(o) * silu(z) -> CP
+   all-to-all back -> out_proj. The elementwise steps are plain PyTorch (megatron wraps them in
+   ``torch.compile``, which on CPU would compile per packed-row length).
+2. ``out_norm`` has a plain gamma (``w * norm(x)``, HF's ``RMSNormGated``, weight initialised to 1)
+   even where the model's other norms are zero-centred (``(1 + w) * norm(x)``): the weight then
+   converts from HF as it is.
+3. Construction does not require fla when the torch kernels are chosen: megatron-core 0.19.2's
+   ``_GDNBase.__init__`` raises ImportError whenever fla is missing, whatever the kernels, reading
+   the module flag ``common.HAVE_FLA``. ``_fla_check_lifted`` sets that flag for the duration of the
+   parent constructor only and restores it -- the one place this module touches megatron-core.
+
+Shapes: ``forward(hidden_states [s_local, b, hidden], ...)`` -> ``(out [s_local, b, hidden], bias)``
+like megatron's, with ``s_local = T / (CP x TP_sp)``; THD input has ``b = 1`` and global
+``cu_seqlens_padded`` in ``packed_seq_params`` (the CP split is the per-sample zigzag of
+``cp_split``, which is what megatron's ``_build_thd_cp_a2a_perm`` undoes; BSHD rows are zigzag-split
+as ``_undo_attention_load_balancing`` expects).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core import tensor_parallel
+from megatron.core.ssm.gated_delta_net import GatedDeltaNet
+from megatron.core.ssm.gated_delta_net.common import (
+    _build_head_perm_for_split_sections,
+    _build_thd_cp_a2a_perm,
+    get_parameter_local_cp,
+    tensor_a2a_cp2hp,
+    tensor_a2a_hp2cp,
+)
+from megatron.core.transformer.spec_utils import build_module
+
+__all__ = ["KernelGatedDeltaNet", "GDNKernels", "resolve_gdn_kernels", "fla_usable"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class GDNKernels:
+    """The three kernels, with fla's signatures (``mcore_ext.gdn_kernels`` documents them)."""
+
+    name: str
+    causal_conv1d: Callable
+    l2norm: Callable
+    chunk_gated_delta_rule: Callable
+
+
+def fla_usable() -> Optional[str]:
+    """None when fla's kernels can run here, else why not."""
+    if not torch.cuda.is_available():
+        return "no GPU (fla's kernels are Triton)"
+    try:
+        from fla.modules.convolution import causal_conv1d  # noqa: F401
+        from fla.modules.l2norm import l2norm  # noqa: F401
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # noqa: F401
+    except Exception as e:  # not installed, or refusing this Triton (fla 0.6 on Hopper needs >= 3.7.1)
+        return f"flash-linear-attention is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def resolve_gdn_kernels(kernels: str) -> GDNKernels:
+    """``"fla"``, ``"torch"`` or ``"auto"`` (fla when usable, else torch) -> the kernels."""
+    if kernels not in ("auto", "fla", "torch"):
+        raise ValueError(f"--gdn-kernels must be auto, fla or torch, got {kernels!r}")
+    why_not = fla_usable() if kernels != "torch" else "asked for torch"
+    if kernels == "fla" and why_not:
+        raise ValueError(f"--gdn-kernels fla: {why_not}")
+    if why_not is None:
+        from fla.modules.convolution import causal_conv1d
+        from fla.modules.l2norm import l2norm
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        return GDNKernels("fla", causal_conv1d, lambda x: l2norm(x), chunk_gated_delta_rule)
+    from megatron.mcore_ext import gdn_kernels
+
+    return GDNKernels("torch", gdn_kernels.causal_conv1d, gdn_kernels.l2norm, gdn_kernels.chunk_gated_delta_rule)
+
+
+@contextlib.contextmanager
+def _fla_check_lifted(needed: bool):
+    """See the module docstring, point 3."""
+    if not needed:
+        yield
+        return
+    from megatron.core.ssm.gated_delta_net import common
+
+    saved = common.HAVE_FLA
+    common.HAVE_FLA = True
+    try:
+        yield
+    finally:
+        common.HAVE_FLA = saved
+
+
+class KernelGatedDeltaNet(GatedDeltaNet):
+    """``GatedDeltaNet`` with chosen kernels and a plain-gamma output norm (module docstring)."""
+
+    def __init__(self, config, submodules, layer_number=None, *, kernels: str = "auto", **kwargs):
+        chosen = resolve_gdn_kernels(kernels)
+        object.__setattr__(self, "_pending_kernels", chosen)  # read by _setup_variant_attrs
+        with _fla_check_lifted(chosen.name == "torch"):
+            super().__init__(config, submodules, layer_number=layer_number, **kwargs)
+        self.kernels = chosen
+        del self._pending_kernels
+        plain = copy.copy(config)
+        plain.layernorm_zero_centered_gamma = False
+        self.out_norm = build_module(submodules.out_norm, config=plain, hidden_size=self.value_head_dim,
+                                     eps=config.layernorm_epsilon)
+
+    def _setup_variant_attrs(self):
+        super()._setup_variant_attrs()
+        self.gated_delta_rule = self._pending_kernels.chunk_gated_delta_rule
+
+    # ------------------------------------------------------------------------------------------
+    def forward(self, hidden_states, attention_mask=None, inference_context=None, packed_seq_params=None,
+                sequence_len_offset=None, *, inference_params=None, **kwargs):
+        if inference_context is not None or inference_params is not None:
+            raise NotImplementedError("KernelGatedDeltaNet: inference (a recurrent-state cache) is not supported")
+        s_local, batch, _ = hidden_states.shape
+        seq_len = s_local * self.sp_size * self.cp_size  # the whole row
+        thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        cu = None
+        if thd:
+            if batch != 1:
+                raise ValueError(f"GDN: packed (THD) input needs batch 1, got {batch}")
+            cu = self._resolve_cu_seqlens(packed_seq_params.cu_seqlens_q_padded, packed_seq_params.cu_seqlens_q,
+                                          seq_len, "cu_seqlens_q", cp_size=self.cp_size)
+        x, _ = self.in_proj(hidden_states)  # [s / CP, b, D_tp]
+        x, inverse = self._context_to_heads(x, cu, seq_len)  # [T, b, D_tp / CP]
+        x = x.transpose(0, 1)  # [b, T, .]
+        qkv, gate, beta, alpha = torch.split(x, self.feat_dim_split, dim=-1)
+        query, key, value = self._conv(qkv, cu)
+        cp = self.pg_collection.cp
+        a_log = get_parameter_local_cp(self.A_log, dim=0, cp_group=cp)
+        dt_bias = get_parameter_local_cp(self.dt_bias, dim=0, cp_group=cp)
+        g = -a_log.float().exp() * F.softplus(alpha.float() + dt_bias)
+        out, _ = self.gated_delta_rule(query, key, value, g=g, beta=beta.sigmoid(), initial_state=None,
+                                       output_final_state=False, use_qk_l2norm_in_kernel=False, cu_seqlens=cu)
+        if self.recompute_norm_out:
+            self.norm_out_checkpoint = tensor_parallel.CheckpointWithoutOutput()
+            y = self.norm_out_checkpoint.checkpoint(self._norm_and_back, out, gate, inverse, cu)
+        else:
+            y = self._norm_and_back(out, gate, inverse, cu)
+        out, out_bias = self.out_proj(y)
+        if self.recompute_norm_out:
+            self.norm_out_checkpoint.discard_output_and_register_recompute(out)
+        return out, out_bias
+
+    def _context_to_heads(self, x, cu, seq_len):
+        """CP: [s/CP, b, D] -> the whole sequence, in order, for 1/CP of the heads (+ the inverse
+        permutation for packed rows)."""
+        if self.cp_size == 1:
+            return x, None
+        cp = self.pg_collection.cp
+        # one unsectioned all-to-all per section: permute the heads first (megatron's recipe)
+        x = x.index_select(-1, _build_head_perm_for_split_sections(tuple(self.in_proj_split_sections),
+                                                                   self.cp_size, x.device))
+        if cu is None:
+            return tensor_a2a_cp2hp(x, seq_dim=0, head_dim=-1, cp_group=cp), None
+        x = tensor_a2a_cp2hp(x, seq_dim=0, head_dim=-1, cp_group=cp, undo_attention_load_balancing=False)
+        idx, inverse = _build_thd_cp_a2a_perm(cu, self.cp_size, seq_len)
+        return x.index_select(0, idx), inverse
+
+    def _conv(self, qkv, cu):
+        """Causal conv1d + SiLU over each sequence, then q, k (l2-normed, repeated to the value
+        heads) and v as [b, T, heads, dim]."""
+        cp = self.pg_collection.cp
+        sections = [self.qk_dim_local_tp, self.qk_dim_local_tp, self.v_dim_local_tp]
+        weight = get_parameter_local_cp(self.conv1d.weight, dim=0, cp_group=cp, split_sections=sections)
+        bias = (get_parameter_local_cp(self.conv1d.bias, dim=0, cp_group=cp, split_sections=sections)
+                if self.conv_bias else None)
+        qkv, _ = self.kernels.causal_conv1d(x=qkv, weight=weight.squeeze(1), bias=bias, activation=self.activation,
+                                            initial_state=None, output_final_state=False, cu_seqlens=cu)
+        b, t = qkv.shape[:2]
+        qk, v = torch.split(qkv, [2 * self.qk_dim_local_tp // self.cp_size, self.v_dim_local_tp // self.cp_size], -1)
+        qk = qk.reshape(b, t, -1, self.key_head_dim)
+        if self.use_qk_l2norm:
+            qk = self.kernels.l2norm(qk.contiguous())
+        query, key = qk.chunk(2, dim=2)
+        rep = self.num_value_heads // self.num_key_heads
+        if rep > 1:
+            query, key = query.repeat_interleave(rep, dim=2), key.repeat_interleave(rep, dim=2)
+        return query.contiguous(), key.contiguous(), v.reshape(b, t, -1, self.value_head_dim).contiguous()
+
+    def _norm_and_back(self, out, gate, inverse, cu):
+        """out_norm(o) * silu(z) per value head, then back to [s/CP, b, D_tp / CP x CP]."""
+        b, t = out.shape[:2]
+        y = self.out_norm(out.reshape(-1, self.value_head_dim))
+        y = (y * self.act_fn(gate.reshape(-1, self.value_head_dim).float())).to(out.dtype)
+        y = y.reshape(b, t, -1).transpose(0, 1).contiguous()  # [T, b, .]
+        if self.cp_size == 1:
+            return y
+        cp = self.pg_collection.cp
+        if cu is None:
+            return tensor_a2a_hp2cp(y, seq_dim=0, head_dim=-1, cp_group=cp)
+        y = y.index_select(0, inverse)
+        return tensor_a2a_hp2cp(y, seq_dim=0, head_dim=-1, cp_group=cp, redo_attention_load_balancing=False)
