@@ -99,3 +99,18 @@ def test_padding_is_not_useful_work():
     assert sample_lengths(bshd) == [10, 20]
     assert model_flops_per_step(get_variant("tiny"), bshd) == model_flops_per_step(get_variant("tiny"), thd)
     assert model_flops_per_step(get_variant("tiny"), thd)["total"] == _hand_count()
+
+
+def test_gated_deltanet_layers_are_counted_by_hand():
+    """tiny-hybrid (3 GDN + 1 full-attention layer): each GDN layer replaces the attention terms by
+    its projections (H=64: in_proj 64 -> 2*32 + 2*64 + 2*4 = 200, out_proj 64 -> 64), its conv
+    (kernel 4 over 2*32 + 64 = 128 channels) and its recurrence (4 value heads, 6 * 16 * 16 each)."""
+    thd = pack_or_pad_batch(_samples(), CollateConfig(layout="thd", image_token_id=IMG, spatial_merge_size=2))
+    hyb, full = model_flops_per_step(get_variant("tiny-hybrid"), thd), model_flops_per_step(get_variant("tiny"), thd)
+    tokens = 30
+    per_gdn = 2 * 64 * 200 + 2 * 64 * 64 + 2 * 4 * 128 + 4 * 6 * 16 * 16
+    assert hyb["gdn_projections"] + hyb["gdn_conv"] + hyb["gdn_recurrence"] == 3 * 3 * tokens * per_gdn
+    # one full-attention layer of tiny's two: half its attention terms
+    assert hyb["attention_projections"] * 2 == full["attention_projections"]
+    assert hyb["attention_core"] * 2 == full["attention_core"]
+    assert hyb["total"] == sum(v for k, v in hyb.items() if k not in ("total", "forward"))

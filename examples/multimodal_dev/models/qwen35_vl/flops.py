@@ -32,6 +32,14 @@ scores and ``2*d`` for ``PV``, per query head::
 
     core attention         2 * 2*d*nh * n*(n+1)/2  =  2*nh*d*n*(n+1)
 
+Gated DeltaNet layers replace the attention terms, per real token (``nk``/``nv`` key/value
+heads of ``dk``/``dv``, ``kd = nk*dk``, ``vd = nv*dv``, conv kernel ``K``)::
+
+    projections            2*H*(2*kd + 2*vd + 2*nv) + 2*vd*H   in_proj (q, k, v, z, beta, alpha), out_proj
+    causal conv1d          2*K*(2*kd + vd)
+    gated delta rule       nv * 6*dk*dv        the recurrence: the state's read (S^T k), its rank-1
+                                               update and the output (S^T q), 2*dk*dv each
+
 LM head: ``2*H*V`` per real token (the trainer computes logits at every position, not only at
 the loss positions).
 
@@ -43,8 +51,7 @@ patches each, ``D`` width, ``Iv`` MLP width, ``m`` spatial merge, ``pd = C*T*p*p
                          + t * 2 * 2*D*L*L                  full (bidirectional) attention per frame
     merger                 (P/m^2) * 2*((m^2*D)^2 + m^2*D*out)
 
-Step FLOPs = 3 x (sum of the above forward FLOPs). Gated DeltaNet (linear-attention) layers are
-not built yet and are refused.
+Step FLOPs = 3 x (sum of the above forward FLOPs).
 """
 from __future__ import annotations
 
@@ -80,18 +87,24 @@ def _text_forward_flops(text: Mapping[str, Any], lengths: Sequence[int]) -> dict
     nh, ng, d = int(text["num_attention_heads"]), int(text["num_key_value_heads"]), int(text["head_dim"])
     L = int(text["num_hidden_layers"])
     layer_types = text.get("layer_types") or ["full_attention"] * L
-    if any(t != "full_attention" for t in layer_types):
-        raise NotImplementedError("model_flops_per_step: linear-attention (Gated DeltaNet) layers are not counted "
-                                  "(they are not built yet); only all-full-attention variants")
+    n_lin = sum(t == "linear_attention" for t in layer_types)
+    n_full = L - n_lin
     moe_pattern = text.get("moe_layer_pattern") or [1] * L
     n_moe = sum(1 for m in moe_pattern if m)
     n_dense = L - n_moe
     tokens = sum(lengths)
     pairs = sum(n * (n + 1) // 2 for n in lengths)  # causal (query, key) pairs, per packed sample
 
-    proj = tokens * (2 * H * (2 * nh * d) + 2 * H * (2 * ng * d) + 2 * (nh * d) * H) * L
-    core = 2 * 2 * d * nh * pairs * L
+    proj = tokens * (2 * H * (2 * nh * d) + 2 * H * (2 * ng * d) + 2 * (nh * d) * H) * n_full
+    core = 2 * 2 * d * nh * pairs * n_full
     out = dict(attention_projections=proj, attention_core=core)
+    if n_lin:
+        dk, dv = int(text["linear_key_head_dim"]), int(text["linear_value_head_dim"])
+        nk, nv, K = int(text["linear_num_key_heads"]), int(text["linear_num_value_heads"]), int(text["linear_conv_kernel_dim"])
+        kd, vd = nk * dk, nv * dv
+        out["gdn_projections"] = tokens * (2 * H * (2 * kd + 2 * vd + 2 * nv) + 2 * vd * H) * n_lin
+        out["gdn_conv"] = tokens * 2 * K * (2 * kd + vd) * n_lin
+        out["gdn_recurrence"] = tokens * nv * 6 * dk * dv * n_lin
     if n_moe:
         E, k = int(text["num_experts"]), int(text["num_experts_per_tok"])
         I, Is = int(text["moe_intermediate_size"]), int(text["shared_expert_intermediate_size"])
