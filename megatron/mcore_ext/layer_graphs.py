@@ -94,6 +94,9 @@ def check_layer_graphs_supported(config) -> None:
         problems.append(f"needs no dropout (hidden {config.hidden_dropout}, attention {config.attention_dropout})")
     if getattr(config, "recompute_granularity", None):
         problems.append(f"needs no activation recomputation ({config.recompute_granularity})")
+    if getattr(config, "experimental_attention_variant", None) == "gated_delta_net":
+        problems.append("cannot graph Gated DeltaNet layers (megatron-core 0.19.2 reads the packed-sample "
+                        "boundaries on the host in every GDN layer, and fla prepares its chunk indices there)")
     if getattr(config, "cuda_graph_impl", "none") not in (None, "none"):
         problems.append(f"cannot run with megatron's own CUDA graphs (cuda_graph_impl={config.cuda_graph_impl})")
     if problems:

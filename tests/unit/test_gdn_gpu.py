@@ -1,0 +1,83 @@
+"""GPU: flash-linear-attention's kernels against our pure-PyTorch ones (``mcore_ext.gdn_kernels``)
+in the same ``KernelGatedDeltaNet`` layer with the same weights, bf16: outputs and gradients (input
+and every parameter) agree within bf16 tolerance, on a packed row of samples of lengths that are
+not multiples of fla's chunk (the state resets per sample) and on a padded batch of two rows."""
+import pytest
+import torch
+
+from megatron.mcore_ext.gdn import fla_usable
+from megatron.mcore_ext.testing import run_distributed
+
+WHY = fla_usable()
+pytestmark = pytest.mark.skipif(WHY is not None, reason=f"fla's kernels cannot run here: {WHY}")
+
+
+def _layer(kernels, state=None):
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNetSubmodules
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron.mcore_ext.gdn import KernelGatedDeltaNet
+    from megatron.mcore_ext.norm import TorchNorm
+    from multimodal_dev.models.qwen35_vl.configuration import Qwen35TextConfig
+
+    text = Qwen35TextConfig(vocab_size=256, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
+                            moe_intermediate_size=64, shared_expert_intermediate_size=64, mrope_section=[2, 1, 1],
+                            linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64,
+                            linear_value_head_dim=64)
+    config = text.to_transformer_config(bf16=True, params_dtype=torch.bfloat16)
+    sub = GatedDeltaNetSubmodules(in_proj=ColumnParallelLinear, out_norm=TorchNorm, out_proj=RowParallelLinear)
+    layer = KernelGatedDeltaNet(config, sub, layer_number=1, kernels=kernels,
+                                pg_collection=get_default_pg_collection()).cuda()
+    if state is not None:
+        layer.load_state_dict(state)
+    else:
+        g = torch.Generator(device="cpu").manual_seed(3)
+        with torch.no_grad():  # heads with memory: moderate decay
+            layer.A_log.copy_(torch.empty(layer.A_log.shape).uniform_(0.02, 0.5, generator=g).log())
+            layer.dt_bias.copy_(torch.randn(layer.dt_bias.shape, generator=g) * 0.5)
+    assert layer.kernels.name == kernels
+    return layer
+
+
+def _run(layer, x, psp, upstream):
+    for p in layer.parameters():
+        p.grad = None
+    x = x.clone().requires_grad_(True)
+    out, _ = layer(x, None, packed_seq_params=psp)
+    (out.float() * upstream).sum().backward()
+    return out.detach().float(), x.grad.float(), {n: p.grad.float() for n, p in layer.named_parameters()}
+
+
+def _compare():
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    fla = _layer("fla")
+    ours = _layer("torch", state=fla.state_dict())
+    g = torch.Generator(device="cpu").manual_seed(5)
+    lens = [1, 63, 64, 65, 200, 7]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    T = int(cu[-1])
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+                          cu_seqlens_kv_padded=cu, max_seqlen_q=max(lens), max_seqlen_kv=max(lens))
+    report = {}
+    for name, shape, p in (("thd", (T, 1, 256), psp), ("bshd", (150, 2, 256), None)):
+        x = (torch.randn(shape, generator=g) * 0.5).to("cuda", torch.bfloat16)
+        up = torch.randn(shape, generator=g).cuda()
+        a, b = _run(fla, x, p, up), _run(ours, x, p, up)
+
+        def rel(u, v):
+            return float((u - v).norm() / v.norm().clamp_min(1e-12))
+
+        report[name] = {"out": rel(a[0], b[0]), "grad_in": rel(a[1], b[1]),
+                        **{f"grad {n}": rel(a[2][n], b[2][n]) for n in a[2]}}
+    return report
+
+
+def test_fla_matches_the_torch_kernels_forward_and_backward():
+    report = run_distributed(_compare, 1, gpu=True)[0]
+    for layout, errs in report.items():
+        print(layout, {k: f"{v:.2e}" for k, v in errs.items()})
+        for k, v in errs.items():  # bf16 inputs and weights, fp32 accumulation on both sides
+            assert v < 3e-2, (layout, k, v)
