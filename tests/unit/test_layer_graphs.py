@@ -70,7 +70,7 @@ def test_graphs_need_bf16():
 
     with pytest.raises(ArgumentError, match="--cuda-graph-layers needs --bf16"):
         parse_args(["--cuda-graph-layers", "--use-packed-sequence"], world_size=1)
-    assert parse_args(["--cuda-graph-layers", "--use-packed-sequence", "--bf16"], world_size=1).thd_row_multiple == 1024
+    assert parse_args(["--cuda-graph-layers", "--use-packed-sequence", "--bf16"], world_size=1).data.row_multiple == 1024
 
 
 def test_installed_graphs_change_nothing_on_cpu():
