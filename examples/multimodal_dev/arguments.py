@@ -82,8 +82,10 @@ class OptimizerArgs:
 class CheckpointArgs:
     save: Optional[str]
     load: Optional[str]
+    load_optional: bool  # --load of a directory without a checkpoint starts from scratch (else an error)
     save_interval: Optional[int]
     exit_after_iters: Optional[int]
+    exit_signal_handler: bool  # SIGTERM: finish the iteration, save, exit 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +108,7 @@ class RunConfig:
     train_iters: int
     seed: int
     bf16: bool
+    distributed_timeout_minutes: float
 
     def build_options(self) -> BuildOptions:
         """The trainer's side of the builder contract (``models.contract``)."""
@@ -230,7 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None, help="checkpoint directory")
     g.add_argument("--load", default=None, help="resume from the latest complete checkpoint here")
+    g.add_argument("--load-optional", action="store_true",
+                   help="with --load: a directory that does not exist starts the run from scratch instead of "
+                        "being an error (an existing directory without a checkpoint always does)")
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM (SLURM's preemption / time-limit warning): finish the current iteration, save "
+                        "to --save and exit 0")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="a collective that waits longer than this ends the job with an error (a hung or dead peer)")
     g.add_argument("--override-opt-param-scheduler", action="store_true",
                    help="on --load, take the learning-rate schedule from the flags, not from the checkpoint")
     g.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true",
@@ -356,14 +367,20 @@ def _checkpoint(a: argparse.Namespace) -> CheckpointArgs:
             raise ArgumentError("--save-interval needs --save (a checkpoint directory)")
         _check_positive(save_interval=a.save_interval)
     _check_positive(exit_after_iters=a.exit_after_iters)
-    return CheckpointArgs(save=a.save, load=a.load, save_interval=a.save_interval,
-                          exit_after_iters=a.exit_after_iters)
+    if a.load_optional and not a.load:
+        raise ArgumentError("--load-optional needs --load (the directory to resume from when it holds a checkpoint)")
+    if a.exit_signal_handler and not a.save:
+        raise ArgumentError("--exit-signal-handler needs --save (where the checkpoint on exit goes)")
+    return CheckpointArgs(save=a.save, load=a.load, load_optional=a.load_optional, save_interval=a.save_interval,
+                          exit_after_iters=a.exit_after_iters, exit_signal_handler=a.exit_signal_handler)
 
 
 def validate_args(a: argparse.Namespace, world_size: Optional[int] = None) -> RunConfig:
     """Check the flags against each other and the world size; build the typed sections once."""
     ws = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     _check_positive(train_iters=a.train_iters, log_interval=a.log_interval)
+    if a.distributed_timeout_minutes <= 0:
+        raise ArgumentError(f"--distributed-timeout-minutes must be > 0, got {a.distributed_timeout_minutes}")
     layout = _layout(a, ws)
     if a.bf16 and not _cuda_available():
         raise ArgumentError("--bf16 needs a GPU (CPU runs are fp32)")
@@ -378,6 +395,7 @@ def validate_args(a: argparse.Namespace, world_size: Optional[int] = None) -> Ru
         train_iters=a.train_iters,
         seed=a.seed,
         bf16=a.bf16,
+        distributed_timeout_minutes=a.distributed_timeout_minutes,
     )
 
 

@@ -18,15 +18,29 @@ What a checkpoint holds: the model and optimizer as sharded tensors (so a differ
 layout can load them), the learning-rate scheduler, the iteration, the flags it was written
 with, and per rank its RNG states and its data reader's position (a ``ShardedObject`` per rank:
 restored when the world size is the same; with another world size the data position is derived
-from the iteration instead, with a warning).
+from the iteration instead, with a warning), and ``MANIFEST.json`` (``checkpoint_trust``).
+
+The optimizer is stored in a layout-free form (format 2): its state tensors under the model
+parameters' sharded keys (no ``chained_i.`` prefix, which depends on how many optimizers megatron
+chains: one with EP=1, two with EP>1) and the shared Adam step; the parameter groups come from the
+run that loads (their learning rate and weight decay are the scheduler's anyway). So TP, EP, PP, DP
+and CP can all change between save and load.
+
+Before anything of a checkpoint is read it must pass its manifest and hold no code
+(``checkpoint_trust``), and agree with the flags on the schedule and the model
+(``checkpoint_checks``); ``open_checkpoint`` does all of it before the model is built,
+``load_checkpoint`` then fills the model, optimizer and scheduler.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import random
 import re
 import shutil
+import warnings
 from typing import Any, Optional
 
 import numpy as np
@@ -34,20 +48,24 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedObject
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "scheduler_policy", "check_scheduler",
-           "CheckpointError", "TRACKER", "COMPLETE"]
+from multimodal_dev import checkpoint_trust
+from multimodal_dev.checkpoint_checks import (CheckpointError, check_resolved, check_scheduler, check_settings,
+                                              resolved_settings)
+
+__all__ = ["save_checkpoint", "open_checkpoint", "load_checkpoint", "latest_checkpoint", "complete_checkpoints",
+           "Checkpoint", "CheckpointError", "TRACKER", "COMPLETE"]
 
 log = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as asked (the message says why and what resolves it)."""
-
 COMPLETE = "COMPLETE"
+FORMAT = 2  # the optimizer's layout-free form (module docstring); 1: megatron's own, same layout only
+# the optimizer's sharded-state options: the same tensor keys whatever the number of chained optimizers
+_OPTIMIZER_METADATA = {"chained_optim_avoid_prefix": True, "distrib_optim_sharding_type": "fully_reshardable"}
+
+
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 
 
@@ -101,8 +119,19 @@ def latest_checkpoint(root: str) -> Optional[int]:
     return max(done) if done else None
 
 
+def complete_checkpoints(root: str) -> list[int]:
+    """Iterations of the complete checkpoints under ``root``, oldest first."""
+    if not root or not os.path.isdir(root):
+        return []
+    return sorted(int(m.group(1)) for n in os.listdir(root)
+                  if (m := _ITER_RE.match(n)) and os.path.exists(os.path.join(root, n, COMPLETE)))
+
+
 def _rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Plain values and tensors only (``checkpoint_trust`` loads them with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = {"python": random.getstate(), "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(gauss)),
+          "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state()
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
@@ -113,7 +142,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(st: dict) -> None:
     random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    name, keys, pos, has_gauss, gauss = st["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state(st["cuda"])
@@ -122,20 +152,95 @@ def _set_rng_state(st: dict) -> None:
     get_cuda_rng_tracker().set_states(st["tracker"])
 
 
+def _tensor_leaves(tree, path=()):
+    """(path, sharded leaf) of every ShardedBase in a nested dict/list."""
+    if isinstance(tree, ShardedBase):
+        yield path, tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _tensor_leaves(v, path + (k,))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _tensor_leaves(v, path + (i,))
+
+
+def _set_path(tree, path, value) -> None:
+    for k in path[:-1]:
+        tree = tree[k]
+    tree[path[-1]] = value
+
+
+def _optimizer_parts(osd) -> list[dict]:
+    """The per-optimizer state dicts of a (possibly chained) optimizer's sharded state dict."""
+    if isinstance(osd, dict) and osd and all(isinstance(k, int) for k in osd):
+        return [osd[k] for k in sorted(osd)]
+    return [osd]
+
+
+def _torch_state(part: dict) -> dict:
+    """The torch optimizer state inside one megatron optimizer's sharded state dict (mixed
+    precision optimizers nest it under "optimizer", the fp32 one does not)."""
+    return part["optimizer"] if "optimizer" in part else part
+
+
+def _optimizer_step(parts) -> Optional[Any]:
+    steps = [_torch_state(p)["state"].get("common_step") for p in parts]
+    steps = [x for x in steps if x is not None]
+    return steps[0] if steps else None
+
+
 def _sharded_state(model, optimizer, scheduler, iteration: int, args_dict: dict, rank_state: Any, loading: bool):
+    """The state dict that is saved (``loading=False``) or the template a load fills, plus, when
+    loading, the optimizer's own structure the loaded tensors go back into."""
     model_sd = model.sharded_state_dict()
+    osd = optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=dict(_OPTIMIZER_METADATA))
+    leaves = dict(_tensor_leaves(osd))
     rank, world = dist.get_rank(), dist.get_world_size()
     sd = {
         "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading),
+        "optimizer": {"tensors": {str(i): leaf for i, leaf in enumerate(leaves.values())},
+                      "step": _optimizer_step(_optimizer_parts(osd))},
         "scheduler": scheduler.state_dict(),
         "iteration": iteration,
         "args": args_dict,
+        "resolved": resolved_settings(model.config),
         "world_size": world,
+        "format": FORMAT,
     }
     if rank_state is not None:
         sd["rank_state"] = ShardedObject("rank_state", rank_state, (world,), (rank,), replica_id=0)
-    return sd
+    return sd, (osd, list(leaves))
+
+
+def _unwrap_local(tree):
+    """Replace megatron's ``LocalNonpersistentObject`` wrappers (values kept from this run, e.g. the
+    parameter groups' parameter lists) by what they wrap, as ``dist_checkpointing.load`` does."""
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
+
+    if isinstance(tree, LocalNonpersistentObject):
+        return tree.unwrap()
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            tree[k] = _unwrap_local(v)
+    elif isinstance(tree, list):
+        tree[:] = [_unwrap_local(v) for v in tree]
+    return tree
+
+
+def _restore_optimizer(optimizer, structure, loaded_opt: dict) -> None:
+    """The loaded tensors back into this run's optimizer structure, with the saved Adam step."""
+    osd, paths = structure
+    for i, path in enumerate(paths):
+        _set_path(osd, path, loaded_opt["tensors"][str(i)])
+    _unwrap_local(osd)
+    step = loaded_opt.get("step")
+    for part in _optimizer_parts(osd):
+        state = _torch_state(part)["state"]
+        if step is not None:
+            state["common_step"] = step
+        else:
+            state.pop("common_step", None)
+    optimizer.load_state_dict(osd)
 
 
 def _in_process_results_queue() -> None:
@@ -164,8 +269,12 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
         os.makedirs(partial)
     dist.barrier()
     rank_state = {"rng": _rng_state(), "data": data_state}
-    sd = _sharded_state(model, optimizer, scheduler, iteration, args_dict, rank_state, loading=False)
-    dist_checkpointing.save(sd, partial)
+    sd, _ = _sharded_state(model, optimizer, scheduler, iteration, args_dict, rank_state, loading=False)
+    try:
+        dist_checkpointing.save(sd, partial)
+        checkpoint_trust.write_manifest(partial)
+    except Exception as e:
+        _raise_save_failure(e, root, iteration, partial)
     dist.barrier()
     if rank == 0:
         with open(os.path.join(partial, COMPLETE), "w") as f:
@@ -181,63 +290,108 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
     return final
 
 
-# the learning-rate schedule: scheduler state key -> (what it is, the flags that set it)
-_SCHEDULE_FIELDS = {
-    "max_lr": ("peak learning rate", "--lr"),
-    "min_lr": ("minimum learning rate", "--min-lr"),
-    "lr_warmup_steps": ("warm-up iterations", "--lr-warmup-iters"),
-    "lr_decay_steps": ("decay iterations", "--lr-decay-iters (default: --train-iters)"),
-    "lr_decay_style": ("decay style", "--lr-decay-style"),
-    "start_wd": ("weight decay", "--weight-decay"),
-    "end_wd": ("weight decay", "--weight-decay"),
-}
+def _disk_full(e: BaseException, root: str) -> bool:
+    import errno
+
+    chain, x = [], e
+    while x is not None and len(chain) < 10:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    text = " ".join(str(c) for c in chain)
+    if any(getattr(c, "errno", None) == errno.ENOSPC for c in chain) or "No space left" in text:
+        return True
+    # torch's zip writer reports a short write as "unexpected pos ..."; look at the disk then
+    return "unexpected pos" in text and shutil.disk_usage(root).free < (64 << 20)
 
 
-def scheduler_policy(optimizer_args) -> str:
-    """"flags" (--override-opt-param-scheduler), "checkpoint" (--use-checkpoint-opt-param-scheduler)
-    or "refuse" (neither: a difference between the two is an error)."""
-    if optimizer_args.override_scheduler:
-        return "flags"
-    return "checkpoint" if optimizer_args.use_checkpoint_scheduler else "refuse"
+def _raise_save_failure(e: BaseException, root: str, iteration: int, partial: str) -> None:
+    """A failed save: remove its partial directory (never loaded), keep the previous checkpoint as
+    the latest, and say why -- a full disk in so many words."""
+    shutil.rmtree(partial, ignore_errors=True)
+    previous = complete_checkpoints(root)
+    kept = f"iter_{previous[-1]:07d} stays the latest complete checkpoint" if previous else "no checkpoint was kept"
+    if _disk_full(e, root):
+        free = shutil.disk_usage(root).free / 2**20
+        raise CheckpointError(f"saving iteration {iteration} to {root} failed: the disk is full ({free:.0f} MiB free; "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}); {kept}; free space or point "
+                              "--save elsewhere") from e
+    raise CheckpointError(f"saving iteration {iteration} to {root} failed ({type(e).__name__}: {e}); {kept}") from e
 
 
-def check_scheduler(saved: dict, scheduler, policy: str, path: str) -> None:
-    """Refuse a checkpoint whose learning-rate schedule differs from the flags' (``policy`` "refuse").
-
-    megatron-core's scheduler silently keeps the checkpoint's values by default: continuing a
-    150-iteration run with ``--train-iters 300`` then decays to the old horizon and trains the
-    new iterations at learning rate 0. Here the difference is named with both values and the two
-    flags that resolve it."""
-    if policy != "refuse":
-        return
-    ours = scheduler.state_dict()
-    diff = [(k, saved[k], ours[k]) for k in _SCHEDULE_FIELDS if k in saved and saved[k] != ours[k]]
-    if diff:
-        lines = "; ".join(f"{_SCHEDULE_FIELDS[k][0]} ({_SCHEDULE_FIELDS[k][1]}): checkpoint {a!r}, flags {b!r}"
-                          for k, a, b in diff)
-        raise CheckpointError(
-            f"--load {path}: the checkpoint's learning-rate schedule differs from the flags: {lines}. Pass "
-            "--override-opt-param-scheduler to continue with the flags' schedule, or "
-            "--use-checkpoint-opt-param-scheduler to keep the checkpoint's"
-        )
+@contextlib.contextmanager
+def _quiet_dcp():
+    """torch's checkpoint reader warns at every load about how megatron-core 0.19.2 calls it (the
+    common state read "in a single process" on purpose, a positional argument, ShardedTensor's
+    deprecation): nothing a user can act on."""
+    with warnings.catch_warnings():
+        for message in ("torch.distributed is disabled", "The argument order of load has been changed",
+                        "Please use DTensor instead"):
+            warnings.filterwarnings("ignore", message=message)
+        yield
 
 
-def load_checkpoint(root: str, model, optimizer, scheduler, restore_rank_state: bool = True,
-                    scheduler_policy: str = "refuse"):
-    """Load the newest complete checkpoint under ``root`` into model, optimizer and scheduler.
+def _refuse(root: str, path: str, why: str) -> None:
+    older = [f"iter_{i:07d}" for i in complete_checkpoints(root) if _iter_dir(root, i) != path]
+    hint = (f"the older complete checkpoints there are {', '.join(older)} (move {os.path.basename(path)} aside to "
+            "resume from the newest of them)") if older else "there is no other complete checkpoint there"
+    raise CheckpointError(f"--load {root}: refusing {path}: {why}; {hint}")
 
-    ``scheduler_policy``: see ``check_scheduler`` (checked before any tensor is read).
 
-    Returns ``(iteration, data_state, saved_args)``, or ``(0, None, None)`` when there is none.
-    ``data_state`` is this rank's data position when the world size matches, else None.
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint that passed every check of ``open_checkpoint`` (its common state already read)."""
+
+    path: str
+    iteration: int
+    common: dict
+
+
+def open_checkpoint(root: str, *, schedule: dict, scheduler_policy: str = "refuse", settings: Optional[dict] = None,
+                    optional: bool = False) -> Optional[Checkpoint]:
+    """The newest complete checkpoint under ``root``, checked before any model exists (collective).
+
+    In order: ``root`` must exist unless ``optional`` (``--load-optional``; an existing directory
+    without a checkpoint starts the run from scratch: None); the manifest and the no-code check
+    (``checkpoint_trust``); then, from its common state, the learning-rate schedule against
+    ``schedule`` (``checkpoint_checks.schedule_from_flags``, ``scheduler_policy``), the run
+    settings against ``settings`` (this run's ``RunConfig.to_dict()``) and the format.
     """
+    if not os.path.isdir(root):  # a mistyped path must not train from scratch silently
+        if optional:
+            log.warning("--load %s does not exist (--load-optional): starting from scratch", root)
+            return None
+        raise CheckpointError(f"--load {root}: no such directory (give --load-optional to start from scratch "
+                              "when it does not exist yet)")
     it = latest_checkpoint(root)
-    if it is None:
+    if it is None:  # an empty --save/--load directory: a job's first start (a requeued job finds its saves)
         log.warning("--load %s: no complete checkpoint there, starting from scratch", root)
-        return 0, None, None
+        return None
     path = _iter_dir(root, it)
-    common = dist_checkpointing.load_common_state_dict(path)
-    check_scheduler(common["scheduler"], scheduler, scheduler_policy, path)
+    damaged = checkpoint_trust.verify_manifest(path)
+    if damaged:
+        _refuse(root, path, f"it is damaged: {damaged}")
+    unsafe = checkpoint_trust.verify_no_code(path)
+    if unsafe:
+        _refuse(root, path, f"it holds more than data: {unsafe}")
+    with _quiet_dcp():
+        common = dist_checkpointing.load_common_state_dict(path)
+    check_scheduler(common["scheduler"], schedule, scheduler_policy, path)
+    if settings is not None:
+        check_settings(common.get("args"), settings, path)
+    if common.get("format", 1) < FORMAT:
+        raise CheckpointError(f"--load {path}: written in checkpoint format {common.get('format', 1)} (before the "
+                              f"layout-free optimizer state of format {FORMAT}); resume it with the commit that wrote it")
+    return Checkpoint(path, it, common)
+
+
+def load_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, restore_rank_state: bool = True):
+    """Load ``ckpt`` (from ``open_checkpoint``) into model, optimizer and scheduler (collective).
+
+    Returns ``(iteration, data_state, saved_args)``; ``data_state`` is this rank's data position
+    when the world size matches the one that saved, else None (with a warning).
+    """
+    path, it, common = ckpt.path, ckpt.iteration, ckpt.common
+    check_resolved(common.get("resolved"), model.config, path)
     same_world = int(common.get("world_size", -1)) == dist.get_world_size()
     if not same_world:
         log.warning(
@@ -245,12 +399,13 @@ def load_checkpoint(root: str, model, optimizer, scheduler, restore_rank_state: 
             "not restored per rank (the data position follows from the iteration)",
             path, common.get("world_size"), dist.get_world_size(),
         )
-    template = _sharded_state(
+    template, structure = _sharded_state(
         model, optimizer, scheduler, it, {}, {} if (same_world and restore_rank_state) else None, loading=True
     )
-    loaded = dist_checkpointing.load(template, path)
+    with _quiet_dcp():
+        loaded = dist_checkpointing.load(template, path)
     model.load_state_dict(loaded["model"])
-    optimizer.load_state_dict(loaded["optimizer"])
+    _restore_optimizer(optimizer, structure, loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     data_state = None
     if "rank_state" in loaded and loaded["rank_state"]:

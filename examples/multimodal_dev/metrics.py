@@ -40,11 +40,13 @@ class IterationStats:
     def __init__(self):
         self.tokens = 0
         self.padding = 0
+        self.truncated = 0
 
     def hook(self, batch):
         st = batch.get("stats") or {}
         self.tokens += int(st.get("tokens", 0))
         self.padding += int(st.get("padding_tokens", 0))
+        self.truncated += int(st.get("truncated_samples", 0))
 
 
 def reduce_lm_loss(losses_reduced) -> tuple[float, float]:
@@ -131,7 +133,7 @@ def unigram_baseline(provider, num_samples: int = 512, max_tokens: Optional[int]
     frequencies. A model that learns from the images and the text goes well below it."""
     import numpy as np
 
-    it = provider.samples(0, 1, max_tokens=max_tokens)
+    it = provider.samples(0, 1, max_tokens=max_tokens, quiet=True)  # its skips are the training pass's to report
     counts: dict[int, int] = {}
     for _ in range(num_samples):
         lab = np.asarray(next(it)["labels"])

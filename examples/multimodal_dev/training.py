@@ -18,11 +18,13 @@ auxiliary losses follow the same convention (see ``megatron.mcore_ext.router``).
 """
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
 import os
 import sys
 import time
+import traceback
 from typing import Optional
 
 import torch
@@ -58,7 +60,8 @@ def initialize(cfg) -> bool:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         if not on_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("gloo" if on_cpu else "nccl")
+        dist.init_process_group("gloo" if on_cpu else "nccl",
+                                timeout=datetime.timedelta(minutes=cfg.distributed_timeout_minutes))
     setup_logging(cfg.logging, dist.get_rank())
     if dist.get_rank() == 0:
         log.info(accelerator_summary())
@@ -84,6 +87,7 @@ def build_model_and_optimizer(cfg):
     from megatron.mcore_ext.ddp import BatchedGradDDP
     from megatron.mcore_ext.experts import GroupedGemmSequentialMLP
     from megatron.mcore_ext.fallbacks import use_fused_adam
+    from multimodal_dev.checkpoint_checks import schedule_from_flags
     from multimodal_dev.models import build_model
 
     options = cfg.build_options()
@@ -122,23 +126,7 @@ def build_model_and_optimizer(cfg):
         use_distributed_optimizer=o.use_distributed_optimizer,
     ), [ddp])
     log.info("optimizer: fused AdamW kernel for %d parameter groups", use_fused_adam(optimizer))
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0 if o.warmup_iters else o.lr,
-        max_lr=o.lr,
-        min_lr=o.min_lr,
-        lr_warmup_steps=o.warmup_iters,
-        lr_decay_steps=o.decay_iters,
-        lr_decay_style=o.decay_style,
-        start_wd=o.weight_decay,
-        end_wd=o.weight_decay,
-        wd_incr_steps=o.decay_iters,
-        wd_incr_style="constant",
-        # a checkpoint's schedule that differs from the flags is refused before this is consulted
-        # (checkpointing.check_scheduler); these two flags say which side wins
-        override_opt_param_scheduler=o.override_scheduler,
-        use_checkpoint_opt_param_scheduler=not o.override_scheduler,
-    )
+    scheduler = OptimizerParamScheduler(optimizer, **schedule_from_flags(o))
     # as megatron.training does: the schedules call these
     config.no_sync_func = ddp.no_sync
     config.finalize_model_grads_func = finalize_model_grads
@@ -174,7 +162,7 @@ def train_step(cfg, forward_backward, ddp, optimizer, scheduler, micro_batches, 
 
 def _record(iteration, loss, moe, grad_norm, lr, counts, elapsed, diags, baseline, graphs) -> dict:
     loss_sum, loss_count = loss
-    tokens, padding, skipped = (int(c) for c in counts)
+    tokens, padding, skipped, truncated = (int(c) for c in counts)
     rec = {
         "iteration": iteration,
         "lm_loss": loss_sum / max(loss_count, 1.0),
@@ -191,6 +179,7 @@ def _record(iteration, loss, moe, grad_norm, lr, counts, elapsed, diags, baselin
         "expert_tokens": [d["tokens_per_expert"] for d in diags],
         "router": [{k: d[k] for k in ("layer", "entropy", "load_balance", "max_min_ratio")} for d in diags],
         "skipped_samples": skipped,
+        "truncated_samples": truncated,
         "unigram_baseline": baseline,
     }
     if graphs is not None:  # cumulative: graphs captured, layer calls replayed, eager layer calls
@@ -205,19 +194,28 @@ def train(cfg) -> list[dict]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from multimodal_dev import checkpointing, metrics
+    from multimodal_dev.checkpoint_checks import schedule_from_flags, scheduler_policy
     from multimodal_dev.data.stream import open_data
 
+    from multimodal_dev.exit_signal import ExitSignal
+
+    # installed first: a signal during the set-up stops the run after its first iteration
+    exit_signal = ExitSignal() if cfg.checkpoint.exit_signal_handler else None
     initialize(cfg)
     rank = dist.get_rank()
+    ck = cfg.checkpoint
+    checkpoint = None
+    if ck.load:  # every check of the checkpoint against the flags, before the model is built
+        checkpoint = checkpointing.open_checkpoint(
+            ck.load, schedule=schedule_from_flags(cfg.optimizer), scheduler_policy=scheduler_policy(cfg.optimizer),
+            settings=cfg.to_dict(), optional=ck.load_optional)
     ddp, model, optimizer, scheduler, graphs = build_model_and_optimizer(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s/%s: %.2fM parameters on rank 0; layout %s; %s", cfg.model.arch, cfg.model.variant,
              n_params / 1e6, cfg.layout.describe(), "THD (packed)" if cfg.data.packed else "BSHD (padded)")
     iteration, data_state = 0, None
-    if cfg.checkpoint.load:
-        iteration, data_state, _ = checkpointing.load_checkpoint(
-            cfg.checkpoint.load, model, optimizer, scheduler,
-            scheduler_policy=checkpointing.scheduler_policy(cfg.optimizer))
+    if checkpoint is not None:
+        iteration, data_state, _ = checkpointing.load_checkpoint(checkpoint, model, optimizer, scheduler)
     tp_rank = ps.get_tensor_model_parallel_rank()
     provider, stream = open_data(cfg.data, model.data_spec, seed=cfg.seed, seq_multiple=cfg.layout.seq_multiple,
                                  reads_data=cfg.layout.reads_data(tp_rank), dp_rank=ps.get_data_parallel_rank(),
@@ -233,7 +231,12 @@ def train(cfg) -> list[dict]:
                  "inputs gets this loss)", baseline)
     writer = metrics.MetricsWriter(cfg.logging, cfg.train_iters, iteration, enabled=rank == 0)
     forward_backward = get_forward_backward_func()
-    records, start_iteration, warned_lr0 = [], iteration, False
+
+    def save() -> None:
+        checkpointing.save_checkpoint(ck.save, iteration, model, optimizer, scheduler, cfg.to_dict(),
+                                      stream.state_dict() if stream is not None else None)
+
+    records, start_iteration, warned_lr0, saved_at, truncated = [], iteration, False, None, 0
     try:
         while iteration < cfg.train_iters:
             t0 = time.perf_counter()
@@ -249,25 +252,32 @@ def train(cfg) -> list[dict]:
             skipped = 0  # cumulative
             if stream is not None and stream.counts_skips:
                 skipped = stream.stats.get("skipped_samples", 0) + stream.stats.get("skipped_shards", 0)
-            counts = metrics.count_across_replicas([stats.tokens, stats.padding, skipped], counts_here)
+            truncated += stats.truncated
+            counts = metrics.count_across_replicas([stats.tokens, stats.padding, skipped, truncated], counts_here)
             rec = _record(iteration, metrics.reduce_lm_loss(losses),
                           metrics.moe_losses(model.config, cfg.data.num_microbatches), grad_norm, lr, counts,
                           time.perf_counter() - t0, metrics.router_diagnostics(model), baseline, graphs)
             records.append(rec)
             writer.write(rec)
-            ck = cfg.checkpoint
             if ck.save and ck.save_interval and iteration % ck.save_interval == 0:
-                checkpointing.save_checkpoint(ck.save, iteration, model, optimizer, scheduler, cfg.to_dict(),
-                                              stream.state_dict() if stream is not None else None)
+                save()
+                saved_at = iteration
+            if exit_signal is not None and exit_signal.stop_requested():
+                if saved_at != iteration:
+                    save()
+                log.warning("stopped on %s after iteration %d, saved to %s; resume with --load %s",
+                            exit_signal.received.name if exit_signal.received else "a peer's signal", iteration,
+                            ck.save, ck.save)
+                return records
             if ck.exit_after_iters is not None and iteration - start_iteration >= ck.exit_after_iters:
                 log.warning("--exit-after-iters %d reached: stopping without a final save", ck.exit_after_iters)
                 return records
-        ck = cfg.checkpoint
-        if ck.save and (not ck.save_interval or iteration % ck.save_interval != 0):
-            checkpointing.save_checkpoint(ck.save, iteration, model, optimizer, scheduler, cfg.to_dict(),
-                                          stream.state_dict() if stream is not None else None)
+        if ck.save and saved_at != iteration:
+            save()
     finally:
         writer.close()
+        if exit_signal is not None:
+            exit_signal.restore()
     return records
 
 
@@ -280,21 +290,31 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def _fail(message: str, code: int) -> None:
+    """Say which rank failed and why, and end this process now. No barrier, no teardown: the other
+    ranks may be waiting in a collective for this one; they fail on its closed connection (gloo),
+    on torchrun's teardown, or at --distributed-timeout-minutes."""
+    rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "0")
+    sys.stdout.flush()
+    print(f"pretrain_multimodal.py: rank {rank}: {message}", file=sys.stderr, flush=True)
+    logging.shutdown()
+    os._exit(code)
+
+
 def main(argv: Optional[list] = None) -> int:
     from multimodal_dev.arguments import ArgumentError, parse_args
+    from multimodal_dev.models.contract import SetupError
 
     try:
         cfg = parse_args(argv)
     except ArgumentError as e:
         print(f"pretrain_multimodal.py: error: {e}", file=sys.stderr)
         return 2
-    from multimodal_dev.checkpointing import CheckpointError
-
     try:
         train(cfg)
-    except CheckpointError as e:
-        print(f"pretrain_multimodal.py: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown()
+    except SetupError as e:  # a named problem of the flags, the model or a checkpoint
+        _fail(f"error: {e}", 2)
+    except BaseException:  # noqa: BLE001 - every failure ends the job, with its traceback
+        _fail("failed:\n" + traceback.format_exc(), 1)
+    shutdown()
     return 0

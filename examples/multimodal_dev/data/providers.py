@@ -158,9 +158,11 @@ class SampleIterator(Iterator[dict]):
     sample is yielded) and implement ``_generate()`` (a generator starting from ``self._pos``).
     """
 
-    def __init__(self, provider: "DatasetProvider", dp_rank: int, dp_size: int, max_tokens: Optional[int]):
+    def __init__(self, provider: "DatasetProvider", dp_rank: int, dp_size: int, max_tokens: Optional[int],
+                 quiet: bool = False):
         _check_rank(dp_rank, dp_size)
         self.provider = provider
+        self.quiet = quiet  # a side pass over the data (statistics): skips are logged at debug level, no limit
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.max_tokens = max_tokens
         self._pos: dict[str, Any] = self._initial_pos()
@@ -227,9 +229,9 @@ class SampleIterator(Iterator[dict]):
         self._bad.add(item)
         self.stats["bad_items"] = len(self._bad)
         what = f"shard {shard}" if key is None else f"sample {key!r} of shard {shard}"
-        (log.warning if first else log.debug)("skipping %s: %s", what, reason)
+        (log.warning if first and not self.quiet else log.debug)("skipping %s: %s", what, reason)
         limit = self.provider.config.max_bad_samples
-        if limit >= 0 and len(self._bad) > limit:
+        if limit >= 0 and len(self._bad) > limit and not self.quiet:
             raise RuntimeError(
                 f"{len(self._bad)} distinct bad samples/shards, more than --max-bad-samples={limit}; the last: "
                 f"{what}: {reason}. Fix the data or raise --max-bad-samples (-1: no limit)"
@@ -262,13 +264,15 @@ class DatasetProvider:
         self.image_kwargs = config.image_processor_kwargs()
 
     def samples(self, dp_rank: int, dp_size: int, state: Optional[Mapping] = None,
-                max_tokens: Optional[int] = None) -> SampleIterator:
+                max_tokens: Optional[int] = None, quiet: bool = False) -> SampleIterator:
         """Endless samples of rank ``dp_rank`` of ``dp_size`` (from ``state`` when given).
 
         Samples longer than ``min(max_tokens, config.max_sample_tokens)`` are skipped (mock:
-        never generated)."""
+        never generated). ``quiet``: a side pass that is not trained on (the unigram baseline):
+        its skips are logged at debug level only and never reach ``--max-bad-samples`` -- the
+        training pass warns about and counts each of them itself, on the rank that reads it."""
         limits = [m for m in (max_tokens, self.config.max_sample_tokens) if m is not None]
-        it = self.iterator_class(self, dp_rank, dp_size, min(limits) if limits else None)
+        it = self.iterator_class(self, dp_rank, dp_size, min(limits) if limits else None, quiet=quiet)
         if state is not None:
             it.load_state_dict(state)
         return it

@@ -83,7 +83,7 @@ class TextTokenizer:
 
         path = default_tokenizer_path() if path is None else os.fspath(path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer file {path!r} does not exist (--tokenizer-path)")
+            raise FileNotFoundError(f"tokenizer file {path!r} does not exist (--tokenizer)")
         try:
             tok = Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
@@ -128,7 +128,7 @@ class TextTokenizer:
             raise ValueError(
                 f"tokenizer {base.path} does not fit the model: it uses ids up to {others[-1]} "
                 f"(vocab {tok.get_vocab_size(with_added_tokens=True)}) but the model's vocab size is "
-                f"{model_vocab_size}; use a smaller tokenizer (--tokenizer-path) or a larger model vocab"
+                f"{model_vocab_size}; use a smaller tokenizer (--tokenizer) or a larger model vocab"
             )
         clash = {n: v for n, v in dst.items() if v in set(others)}
         if clash:

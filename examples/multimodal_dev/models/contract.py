@@ -21,7 +21,12 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["MoEOptions", "BuildOptions", "DataSpec", "resolve_transformer_impl", "te_importable"]
+__all__ = ["MoEOptions", "BuildOptions", "DataSpec", "SetupError", "resolve_transformer_impl", "te_importable"]
+
+
+class SetupError(ValueError):
+    """A flag, configuration or checkpoint that cannot work, found while the run is set up; the
+    message names it and what was expected (the trainer prints it and exits 2, no traceback)."""
 
 
 @dataclasses.dataclass(frozen=True)

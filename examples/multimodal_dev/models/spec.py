@@ -26,9 +26,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-from multimodal_dev.models.contract import BuildOptions
+from multimodal_dev.models.contract import BuildOptions, SetupError
 
-__all__ = ["decoder_block_spec", "linear_attention_layers"]
+__all__ = ["decoder_block_spec", "linear_attention_layers", "check_parallel_sizes"]
 
 
 def linear_attention_layers(config) -> list[int]:
@@ -73,8 +73,32 @@ def _gdn_attention(config, options: BuildOptions):
     return input_layernorm, mixer
 
 
+def check_parallel_sizes(config) -> None:
+    """Raise ``SetupError`` naming the flag when the layout cannot split this model (megatron-core
+    asserts these deep inside the layers' constructors, without a message)."""
+    tp, cp, ep = config.tensor_model_parallel_size, config.context_parallel_size, config.expert_model_parallel_size
+    pp = config.pipeline_model_parallel_size
+    problems = []
+    if config.num_moe_experts and config.num_moe_experts % ep:
+        problems.append(f"--expert-model-parallel-size {ep} does not divide the model's {config.num_moe_experts} experts")
+    for what, n in (("attention heads", config.num_attention_heads), ("key/value groups", config.num_query_groups)):
+        if n and n % tp and tp % n:
+            problems.append(f"--tensor-model-parallel-size {tp} does not divide the model's {n} {what}")
+    if config.experimental_attention_variant == "gated_delta_net":
+        for what, n in (("key", config.linear_num_key_heads), ("value", config.linear_num_value_heads)):
+            if n % (tp * cp):
+                problems.append(f"--tensor-model-parallel-size x --context-parallel-size = {tp}x{cp} does not divide "
+                                f"the model's {n} Gated DeltaNet {what} heads")
+    if pp > 1 and config.num_layers % pp and config.pipeline_model_parallel_layout is None:
+        problems.append(f"--pipeline-model-parallel-size {pp} does not divide the model's {config.num_layers} layers")
+    if problems:
+        raise SetupError("; ".join(problems))
+
+
 def decoder_block_spec(config, options: BuildOptions, vp_stage=None):
-    """``TransformerBlockSubmodules`` of this pipeline stage (see the module docstring)."""
+    """``TransformerBlockSubmodules`` of this pipeline stage (see the module docstring); the
+    layout is checked against the model first (``check_parallel_sizes``)."""
+    check_parallel_sizes(config)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset

@@ -30,10 +30,15 @@
 #   LAYOUT=none      use no table flags at all (only yours)
 #   DRY_RUN=1        print the command instead of running it
 #
-# NOTE: the published variants (35B-A3B, 122B-A10B, 397B-A17B) have Gated DeltaNet (linear
-# attention) layers, which are not implemented yet, so they cannot be built today: their table
-# entries are the layouts we recommend for when they can. tiny and proxy are all full attention
-# and run now.
+#   EXIT_SIGNAL_HANDLER=0  do not add --exit-signal-handler (added whenever --save is given)
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun waits for its workers after a SIGTERM before
+#                    it kills them (default here 240: one iteration plus a checkpoint save)
+#
+# Preemption and time limits: SLURM (or a user) sends SIGTERM to torchrun and its workers. With
+# --save, the workers get --exit-signal-handler: they finish the current iteration, save and exit
+# 0; resume with the same command plus --load <the --save directory>. torchrun itself then
+# reports the signal it received (SignalException) and exits non-zero: the checkpoint is complete
+# regardless (the workers' last line says "stopped on SIGTERM after iteration N, saved to ...").
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -118,12 +123,6 @@ layout_flags() {
   echo "$flags"
 }
 
-case "$VARIANT" in
-  35B-A3B|122B-A10B|397B-A17B)
-    echo "train_torchrun.sh: warning: $VARIANT has Gated DeltaNet (linear attention) layers, which are" \
-         "not implemented yet; the model build will fail until they are. The layout is the recommendation for then." >&2 ;;
-esac
-
 LAYOUT_FLAGS=()
 if [ "${LAYOUT:-}" != none ]; then
   FLAGS_STR="$(layout_flags "$VARIANT")"
@@ -149,17 +148,26 @@ if [ "$DEVICE" = gpu ]; then
   #   export NCCL_IB_HCA=mlx5                # the InfiniBand / RoCE adapters to use
   #   export NCCL_IB_GID_INDEX=3             # RoCE v2 fabrics
   #   export NCCL_NVLS_ENABLE=0              # if NVLink SHARP / multicast is not allowed
-  #   export NCCL_TIMEOUT / --distributed-timeout: raise for slow first checkpoint loads
+  #   --distributed-timeout-minutes N        raise (default 10) for slow first checkpoint loads
 else
   # CPU runs use gloo; on several hosts name the interface: export GLOO_SOCKET_IFNAME=eth0
   export CUDA_VISIBLE_DEVICES=""
 fi
 
+# a save on SIGTERM whenever there is somewhere to save to (the trainer refuses the flag without --save)
+EXTRA_FLAGS=()
+if [ "${EXIT_SIGNAL_HANDLER:-1}" != 0 ]; then
+  for a in "$@"; do
+    case "$a" in --save|--save=*) EXTRA_FLAGS=(--exit-signal-handler); break ;; esac
+  done
+fi
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-240}"
+
 CMD=("$PY" -m torch.distributed.run
      --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC_PER_NODE"
      --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
      examples/multimodal_dev/pretrain_multimodal.py
-     "${LAYOUT_FLAGS[@]}" "$@")
+     "${LAYOUT_FLAGS[@]}" ${EXTRA_FLAGS[@]+"${EXTRA_FLAGS[@]}"} "$@")
 
 echo "train_torchrun.sh: VARIANT=$VARIANT DEVICE=$DEVICE nodes=$NNODES node_rank=$NODE_RANK" \
      "procs/node=$NPROC_PER_NODE world=$WORLD OMP_NUM_THREADS=$OMP_NUM_THREADS" >&2
