@@ -40,6 +40,11 @@ forced). Every patch, with why:
 7. ``token_dispatcher.maybe_move_tensor_to_cpu`` -> also honours ``as_numpy`` for tensors already
    on the CPU (the original converts only CUDA tensors, so on CPU the alltoall dispatcher hands
    tensors where ``all_to_all_single`` wants split-size sequences, and fails).
+8. ``transformer.moe.moe_utils.te_general_gemm`` -> None. With Transformer Engine installed
+   (every NGC container), the router's gating linear (``RouterGatingLinearFunction``) calls TE's
+   GEMM, a CUDA kernel, whatever device its inputs are on; on a machine without a visible GPU it
+   fails ("No CUDA GPUs are available"). None is the value megatron-core itself uses without TE:
+   the gating then runs ``torch.mm`` in the router dtype (the same arithmetic).
 
 Nothing else is changed; in particular collectives run through ``torch.distributed`` with gloo
 exactly as megatron-core issues them.
@@ -69,6 +74,7 @@ PATCHES = (
     "device='cuda' -> cpu, torch.cuda.current_stream/synchronize -> no-ops",
     "megatron.core.optimizer.clip_grads.l2_norm_impl / clip_grad_by_total_norm_fp32 -> CPU versions",
     "megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu -> honours as_numpy on CPU",
+    "megatron.core.transformer.moe.moe_utils.te_general_gemm -> None (the router gating's torch.mm)",
 )
 
 
@@ -310,6 +316,9 @@ def apply(force: bool = False) -> bool:
         clip_grads.l2_norm_impl = _cpu_l2_norm  # 6
         clip_grads.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
         moptimizer.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
+        from megatron.core.transformer.moe import moe_utils
+
+        moe_utils.te_general_gemm = None  # 8
         _applied = True
         log.info("megatron.mcore_ext.cpu_runtime: no GPU, applied: %s", "; ".join(PATCHES))
         return True

@@ -76,8 +76,16 @@ def fla_usable() -> Optional[str]:
         from fla.modules.convolution import causal_conv1d  # noqa: F401
         from fla.modules.l2norm import l2norm  # noqa: F401
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # noqa: F401
-    except Exception as e:  # not installed, or refusing this Triton (fla 0.6 on Hopper needs >= 3.7.1)
+    except Exception as e:  # not installed
         return f"flash-linear-attention is not importable ({type(e).__name__}: {e})"
+    # fla 0.6 imports with any Triton but raises in the backward on Hopper with Triton in
+    # [3.4, 3.7.1) (wrong gradients upstream, fla #640): decide here, not in the first backward
+    import triton
+
+    version = tuple(int(x) for x in triton.__version__.split("+")[0].split(".")[:3] if x.isdigit())
+    if torch.cuda.get_device_capability()[0] == 9 and (3, 4, 0) <= version < (3, 7, 1):
+        return (f"flash-linear-attention refuses Triton {triton.__version__} on Hopper (wrong gradients upstream, "
+                "fla #640): needs Triton >= 3.7.1")
     return None
 
 

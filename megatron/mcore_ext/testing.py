@@ -14,7 +14,8 @@ returns the per-rank results in rank order.
 
 The ranks are CPU ranks on every machine: they are started with ``CUDA_VISIBLE_DEVICES=""``, so
 on a GPU machine too they see no GPU and run megatron-core through the CPU runtime -- the same
-code path as in CI. ``gpu=True`` keeps the GPUs visible instead (tests of GPU kernels). Parallel state, the RNG tracker and the MoE aux-loss
+code path as in CI. ``gpu=True`` keeps the GPUs visible instead (tests of GPU kernels), one GPU per rank,
+with NCCL for CUDA tensors and gloo for CPU ones (``cpu:gloo,cuda:nccl``). Parallel state, the RNG tracker and the MoE aux-loss
 tracker are always torn down afterwards, also when the function raises.
 
 The ranks are kept alive between calls (one pool per world size; starting a process that imports
@@ -97,6 +98,11 @@ def _teardown_layout() -> None:
     from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 
     destroy_moe_metrics_tracker()  # not just clear(): that keeps every metric name ever recorded
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    # a class-level tensor: a backward outside megatron's schedule creates it as a 0-d scalar, and
+    # the schedule's later set_loss_scale(shape [1]) then fails to copy into it (the next test's)
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     ps.destroy_model_parallel()
 
 
@@ -109,8 +115,14 @@ def _worker_main(rank: int, world_size: int, port: int, task_q, result_q) -> Non
     from megatron.mcore_ext import cpu_runtime
 
     cpu_runtime.apply()
+    backend = "gloo"
+    if torch.cuda.is_available() and world_size <= torch.cuda.device_count():
+        # GPU ranks (``gpu=True``): CUDA tensors (DDP's grad buffers, the trainer's reductions)
+        # need NCCL; CPU tensors keep gloo. One GPU per rank: NCCL refuses two ranks on one GPU.
+        torch.cuda.set_device(rank)
+        backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world_size,
