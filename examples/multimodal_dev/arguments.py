@@ -18,23 +18,22 @@ import dataclasses
 import os
 from typing import Any, Optional, Sequence
 
+from multimodal_dev import evaluation, freezing, recompute
+from multimodal_dev.distill import args as distill_args
+from multimodal_dev.argument_error import ArgumentError
 from multimodal_dev.layout import Layout
-from multimodal_dev.models.contract import BuildOptions, MoEOptions, resolve_transformer_impl
+from multimodal_dev.models.contract import BuildOptions, MoEOptions, RecomputeOptions, resolve_transformer_impl
 
 __all__ = ["build_parser", "parse_args", "ArgumentError", "RunConfig", "ModelArgs", "DataArgs", "OptimizerArgs",
            "CheckpointArgs", "LoggingArgs"]
-
-
-class ArgumentError(ValueError):
-    """A flag, or a combination of flags, that cannot work."""
-
 
 # ------------------------------------------------------------------------------------------------
 # the typed sections
 @dataclasses.dataclass(frozen=True)
 class ModelArgs:
     arch: str
-    variant: str
+    variant: Optional[str]  # None with --hf-checkpoint: the sizes come from its config.json
+    hf_checkpoint: Optional[str]  # an HF checkpoint directory: the starting weights and the sizes
     transformer_impl: str  # auto | local | transformer_engine (resolved when the model is built)
     plugins: tuple[str, ...]
     grouped_experts: bool
@@ -45,6 +44,8 @@ class ModelArgs:
     padding_mask: bool  # False: --no-padding-mask (comparisons only)
     cuda_graph_layers: bool
     moe: MoEOptions
+    recompute: RecomputeOptions  # --recompute-* (multimodal_dev.recompute)
+    freeze: tuple[str, ...]  # frozen parts: vision | projector | language (multimodal_dev.freezing)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,8 @@ class DataArgs:
     truncate: bool
     max_bad_samples: int
     row_multiple: int  # THD: rows padded up to a multiple of this (1: none)
+    chat_template: str = "auto"  # "auto" (next to --tokenizer) | "none" (built-in layout) | a template file
+    answer_only_loss: bool = True  # False: --no-answer-only-loss, the loss on all text tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +108,12 @@ class RunConfig:
     optimizer: OptimizerArgs
     checkpoint: CheckpointArgs
     logging: LoggingArgs
+    eval: evaluation.EvalArgs  # --eval-* (multimodal_dev.evaluation)
     train_iters: int
     seed: int
     bf16: bool
     distributed_timeout_minutes: float
+    distill: distill_args.DistillArgs = distill_args.DistillArgs()  # --distill, --teacher-*, --kd-* (distill/)
 
     def build_options(self) -> BuildOptions:
         """The trainer's side of the builder contract (``models.contract``)."""
@@ -127,6 +132,7 @@ class RunConfig:
             per_token_loss=True,  # forward_step's loss normalisation
             cpu_initialization=not _cuda_available() or m.layout_independent_init,
             moe=m.moe,
+            recompute=m.recompute,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,7 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model")
     g.add_argument("--model-arch", default="qwen35_vl", help="architecture in the model registry")
-    g.add_argument("--variant", default="tiny", help="size of the architecture (tiny, proxy, 35B-A3B, ...)")
+    g.add_argument("--variant", default=None,
+                   help="size of the architecture (tiny, proxy, 35B-A3B, ...; default tiny, or config.json's with "
+                        "--hf-checkpoint)")
+    g.add_argument("--hf-checkpoint", default=None, metavar="DIR",
+                   help="start from an HF checkpoint directory (config.json + safetensors shards): the sizes come from "
+                        "its config.json, each rank reads only its slices of the weights")
     g.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
                    help="import this module (dotted name or .py file) first; it may register architectures "
                         "and data providers (repeatable)")
@@ -153,7 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--dataset-provider", default="mock", help="mock | webdataset | a registered provider")
     g.add_argument("--data-path", nargs="*", default=[], help="WebDataset shards (files, dirs or globs)")
-    g.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: the one shipped)")
+    g.add_argument("--tokenizer", default=None,
+                   help="a tokenizer.json, or a checkpoint directory holding one with its tokenizer_config.json "
+                        "and chat template (default: --hf-checkpoint's if it has one, else the small one shipped); "
+                        "docs/data.md")
+    g.add_argument("--chat-template", default="auto",
+                   help="auto: the chat template next to --tokenizer (else the built-in Qwen ChatML layout); "
+                        "none: the built-in layout; or a .jinja / chat_template.json / tokenizer_config.json file")
+    g.add_argument("--answer-only-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="loss on the assistant's answers only (SFT, default); --no-answer-only-loss: on every "
+                        "text token (never on image or vision start/end tokens)")
     g.add_argument("--micro-batch-size", type=int, default=2, help="samples per micro-batch and DP rank")
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="samples per iteration over all DP ranks (default: micro-batch-size x DP)")
@@ -213,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not give the padding mask to the model (for comparisons: padding then "
                         "dilutes the router statistics, as in an unfixed stack)")
 
+    recompute.add_arguments(p)
+    freezing.add_arguments(p)
     g = p.add_argument_group("training")
     g.add_argument("--train-iters", type=int, default=20)
     g.add_argument("--lr", type=float, default=1e-3)
@@ -253,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress-bar", action="store_true")
     g.add_argument("--exit-after-iters", type=int, default=None,
                    help="stop (as if killed) after this many iterations of this run, without a final save")
+    evaluation.add_arguments(p)
+    distill_args.add_arguments(p)
     return p
 
 
@@ -299,11 +323,16 @@ def _data(a: argparse.Namespace, layout: Layout) -> DataArgs:
         raise ArgumentError("--thd-row-multiple applies to packed rows: it needs --use-packed-sequence")
     if row_multiple > 1 and row_multiple % mult:
         raise ArgumentError(f"--thd-row-multiple {row_multiple} must be a multiple of {mult} {why}")
-    return DataArgs(provider=a.dataset_provider, data_path=tuple(a.data_path), tokenizer=a.tokenizer,
+    from multimodal_dev.data.tokenizer import tokenizer_from_flags
+    try:  # --tokenizer (default: --hf-checkpoint's tokenizer.json, if any) and --chat-template exist
+        tokenizer = tokenizer_from_flags(a.tokenizer, a.chat_template, a.hf_checkpoint)
+    except OSError as e:
+        raise ArgumentError(str(e)) from e
+    return DataArgs(provider=a.dataset_provider, data_path=tuple(a.data_path), tokenizer=tokenizer,
                     micro_batch_size=a.micro_batch_size, global_batch_size=gbs,
                     num_microbatches=gbs // (a.micro_batch_size * dp), seq_length=a.seq_length,
                     packed=a.use_packed_sequence, truncate=a.truncate, max_bad_samples=a.max_bad_samples,
-                    row_multiple=row_multiple)
+                    row_multiple=row_multiple, chat_template=a.chat_template, answer_only_loss=a.answer_only_loss)
 
 
 def _model(a: argparse.Namespace, layout: Layout) -> ModelArgs:
@@ -333,12 +362,17 @@ def _model(a: argparse.Namespace, layout: Layout) -> ModelArgs:
                      load_balancing_type=a.moe_router_load_balancing_type,
                      score_function=a.moe_router_score_function, enable_expert_bias=a.moe_router_enable_expert_bias,
                      bias_update_rate=a.moe_router_bias_update_rate, token_dispatcher_type=a.moe_token_dispatcher_type)
-    return ModelArgs(arch=a.model_arch, variant=a.variant, transformer_impl=a.transformer_impl,
+    if a.hf_checkpoint and a.layout_independent_init:
+        raise ArgumentError("--layout-independent-init draws random weights; --hf-checkpoint gives them: use one")
+    variant = a.variant if a.variant is not None or a.hf_checkpoint else "tiny"
+    return ModelArgs(arch=a.model_arch, variant=variant, hf_checkpoint=a.hf_checkpoint,
+                     transformer_impl=a.transformer_impl,
                      plugins=tuple(a.plugin), grouped_experts=not a.no_grouped_experts,
                      sync_free_dispatch=not a.no_sync_free_dispatch, chunked_lm_loss=a.chunked_lm_loss,
                      gdn_kernels=a.gdn_kernels,
                      layout_independent_init=a.layout_independent_init, padding_mask=not a.no_padding_mask,
-                     cuda_graph_layers=a.cuda_graph_layers, moe=moe)
+                     cuda_graph_layers=a.cuda_graph_layers, moe=moe, recompute=recompute.options_from_flags(a),
+                     freeze=freezing.parts_from_flags(a))
 
 
 def _optimizer(a: argparse.Namespace) -> OptimizerArgs:
@@ -390,12 +424,14 @@ def validate_args(a: argparse.Namespace, world_size: Optional[int] = None) -> Ru
         layout=layout,
         optimizer=_optimizer(a),
         checkpoint=_checkpoint(a),
+        eval=evaluation.args_from_flags(a),
         logging=LoggingArgs(log_interval=a.log_interval, metrics_file=a.metrics_file,
                             tensorboard_dir=a.tensorboard_dir, log_dir=a.log_dir, progress_bar=not a.no_progress_bar),
         train_iters=a.train_iters,
         seed=a.seed,
         bf16=a.bf16,
         distributed_timeout_minutes=a.distributed_timeout_minutes,
+        distill=distill_args.args_from_flags(a),
     )
 
 

@@ -14,6 +14,9 @@ is built (``checkpointing.open_checkpoint``): a wrong resume costs seconds, not 
   known only once the model's config exists: those are compared by ``check_resolved`` after the
   model is built and before any weight is read (the checkpoint records ``resolved_settings``).
 
+* The frozen parts (``check_frozen_parts``): a resume may freeze more than the run that saved, not
+  less (the checkpoint holds no optimizer state for a part it did not train).
+
 The optimizer's parameter groups are not compared: a checkpoint stores its state per parameter
 (``checkpointing``, format 2) and takes the groups' settings from the loading run, which are the
 schedule's anyway.
@@ -23,10 +26,11 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+from multimodal_dev.freezing import FLAGS as FREEZE_FLAGS
 from multimodal_dev.models.contract import SetupError
 
 __all__ = ["CheckpointError", "schedule_from_flags", "scheduler_policy", "check_scheduler", "check_settings",
-           "check_resolved", "resolved_settings", "RESOLVED_FIELDS"]
+           "check_frozen_parts", "check_resolved", "resolved_settings", "RESOLVED_FIELDS"]
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +113,12 @@ _TRAINING_SETTINGS = (
     (("model", "moe", "z_loss_coeff"), "moe_z_loss_coeff", "--moe-z-loss-coeff"),
     (("model", "moe", "load_balancing_type"), "moe_router_load_balancing_type", "--moe-router-load-balancing-type"),
 )
-RESOLVED_FIELDS = tuple(f for _, f, _ in _MODEL_SETTINGS + _TRAINING_SETTINGS if f is not None)
+# the model's sizes (from --variant or --hf-checkpoint's config.json): refused when they differ
+_SIZE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+                "num_moe_experts", "moe_ffn_hidden_size", "moe_router_topk", "moe_layer_freq",
+                "experimental_attention_variant", "linear_attention_freq")
+_SIZE_SETTINGS = tuple((None, f, f"the model's {f} (--variant / --hf-checkpoint)") for f in _SIZE_FIELDS)
+RESOLVED_FIELDS = tuple(f for _, f, _ in _MODEL_SETTINGS + _TRAINING_SETTINGS + _SIZE_SETTINGS if f is not None)
 
 
 def resolved_settings(config) -> dict:
@@ -131,12 +140,13 @@ def _refuse_model(path: str, refused: list[str]) -> None:
                           + ". Use the checkpoint's values, or convert the checkpoint first")
 
 
-def check_settings(saved: Optional[dict], now: dict, path: str) -> None:
+def check_settings(saved: Optional[dict], now: dict, path: str, resume: bool = True) -> None:
     """Before the model is built: compare the flags the checkpoint was written with (``saved``)
     with this run's (``now``; both ``RunConfig.to_dict()``). A model setting given on both sides
     with different values is refused, and so is a changed ``--seed`` (the resumed data order and
     the per-rank RNG states follow from the seed the run started with). A flag left unset on one
-    side (the architecture's value) is compared once its value is known (``check_resolved``)."""
+    side (the architecture's value) is compared once its value is known (``check_resolved``).
+    ``resume=False`` (a weights-only checkpoint: a new run starts from it): the model settings only."""
     if not isinstance(saved, dict) or "model" not in saved:
         return  # written before the settings were recorded in this form
     refused = []
@@ -146,10 +156,28 @@ def check_settings(saved: Optional[dict], now: dict, path: str) -> None:
             refused.append(f"{flag}: checkpoint {a!r}, now {b!r}")
     if refused:
         _refuse_model(path, refused)
+    if not resume:  # a run that starts from a weights-only checkpoint: its own seed, any frozen parts
+        return
     a, b = _get(saved, ("seed",)), _get(now, ("seed",))
     if KeyError not in (a, b) and a != b:
         raise CheckpointError(f"--load {path}: --seed: checkpoint {a!r}, now {b!r}; a resumed run keeps the seed it "
                               "started with (its data order and RNG states follow from it)")
+    check_frozen_parts(saved, now, path)
+
+
+def check_frozen_parts(saved: dict, now: dict, path: str) -> None:
+    """Refuse a resume that trains a part the checkpoint's run froze (``--freeze-*``): the
+    checkpoint has its weights but no optimizer state for it. Freezing more is fine: the
+    checkpoint's optimizer state of the newly frozen parameters is simply not read."""
+    was, new = (set(x) if isinstance(x, (list, tuple)) else set() for x in (_get(saved, ("model", "freeze")),
+                                                                              _get(now, ("model", "freeze"))))
+    thawed = [FREEZE_FLAGS[p] for p in FREEZE_FLAGS if p in was - new]
+    if thawed:
+        raise CheckpointError(f"--load {path} was written with {' '.join(thawed)}: it holds no optimizer state for "
+                              "what this run would train. Resume with the same --freeze-* flags (or more)")
+    if new - was:
+        log.info("--load %s: %s now frozen; the checkpoint's optimizer state for it is not read", path,
+                 " ".join(FREEZE_FLAGS[p] for p in FREEZE_FLAGS if p in new - was))
 
 
 def check_resolved(saved: Optional[dict], config, path: str) -> None:
@@ -159,10 +187,10 @@ def check_resolved(saved: Optional[dict], config, path: str) -> None:
         return
     now = resolved_settings(config)
     refused = []
-    for _, field, flag in _MODEL_SETTINGS + _TRAINING_SETTINGS:
+    for _, field, flag in _MODEL_SETTINGS + _SIZE_SETTINGS + _TRAINING_SETTINGS:
         if field is None or field not in saved or saved[field] == now[field]:
             continue
-        if any(field == f for _, f, _ in _MODEL_SETTINGS):
+        if any(field == f for _, f, _ in _MODEL_SETTINGS + _SIZE_SETTINGS):
             refused.append(f"{flag}: checkpoint {saved[field]!r}, now {now[field]!r}")
         else:
             log.warning("--load %s: %s differs (checkpoint %r, now %r); continuing with the flag's value",

@@ -26,6 +26,11 @@ chains: one with EP=1, two with EP>1) and the shared Adam step; the parameter gr
 run that loads (their learning rate and weight decay are the scheduler's anyway). So TP, EP, PP, DP
 and CP can all change between save and load.
 
+A weights-only checkpoint (``save_checkpoint(..., optimizer=None)``: ``scripts/convert_hf.py
+import``) holds the model and the settings only; ``--load`` starts a run from it at iteration 0.
+With ``--hf-checkpoint`` the common state also keeps its ``config.json`` (``hf_config``), which an
+export writes back.
+
 Before anything of a checkpoint is read it must pass its manifest and hold no code
 (``checkpoint_trust``), and agree with the flags on the schedule and the model
 (``checkpoint_checks``); ``open_checkpoint`` does all of it before the model is built,
@@ -50,12 +55,14 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedObject
 
+from megatron.mcore_ext import fallbacks
+
 from multimodal_dev import checkpoint_trust
 from multimodal_dev.checkpoint_checks import (CheckpointError, check_resolved, check_scheduler, check_settings,
                                               resolved_settings)
 
-__all__ = ["save_checkpoint", "open_checkpoint", "load_checkpoint", "latest_checkpoint", "complete_checkpoints",
-           "Checkpoint", "CheckpointError", "TRACKER", "COMPLETE"]
+__all__ = ["save_checkpoint", "open_checkpoint", "load_checkpoint", "load_weights", "latest_checkpoint",
+           "complete_checkpoints", "Checkpoint", "CheckpointError", "TRACKER", "COMPLETE"]
 
 log = logging.getLogger(__name__)
 
@@ -193,20 +200,22 @@ def _sharded_state(model, optimizer, scheduler, iteration: int, args_dict: dict,
     """The state dict that is saved (``loading=False``) or the template a load fills, plus, when
     loading, the optimizer's own structure the loaded tensors go back into."""
     model_sd = model.sharded_state_dict()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sd = {"model": model_sd, "iteration": iteration, "args": args_dict, "resolved": resolved_settings(model.config),
+          "world_size": world, "format": FORMAT}
+    hf_dir = (args_dict.get("model") or {}).get("hf_checkpoint") if isinstance(args_dict, dict) else None
+    if hf_dir and not loading:  # the config.json the sizes came from: an export writes it back
+        from multimodal_dev.hf_checkpoint import read_hf_config
+
+        sd["hf_config"] = read_hf_config(hf_dir)
+    if optimizer is None:  # weights only (scripts/convert_hf.py import): a run's starting point
+        sd["weights_only"] = True
+        return sd, None
     osd = optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=dict(_OPTIMIZER_METADATA))
     leaves = dict(_tensor_leaves(osd))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    sd = {
-        "model": model_sd,
-        "optimizer": {"tensors": {str(i): leaf for i, leaf in enumerate(leaves.values())},
-                      "step": _optimizer_step(_optimizer_parts(osd))},
-        "scheduler": scheduler.state_dict(),
-        "iteration": iteration,
-        "args": args_dict,
-        "resolved": resolved_settings(model.config),
-        "world_size": world,
-        "format": FORMAT,
-    }
+    sd["optimizer"] = {"tensors": {str(i): leaf for i, leaf in enumerate(leaves.values())},
+                       "step": _optimizer_step(_optimizer_parts(osd))}
+    sd["scheduler"] = scheduler.state_dict()
     if rank_state is not None:
         sd["rank_state"] = ShardedObject("rank_state", rank_state, (world,), (rank,), replica_id=0)
     return sd, (osd, list(leaves))
@@ -257,7 +266,8 @@ def _in_process_results_queue() -> None:
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args_dict: dict, data_state: Any) -> str:
-    """Save on every rank (collective). Returns the checkpoint directory."""
+    """Save on every rank (collective). Returns the checkpoint directory. ``optimizer=None``: the
+    model's weights only (a converted checkpoint: ``--load`` starts a run from it at iteration 0)."""
     rank = dist.get_rank()
     _in_process_results_queue()
     final, partial = _iter_dir(root, iteration), _iter_dir(root, iteration) + ".partial"
@@ -268,7 +278,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         os.makedirs(partial)
     dist.barrier()
-    rank_state = {"rng": _rng_state(), "data": data_state}
+    rank_state = {"rng": _rng_state(), "data": data_state} if optimizer is not None else None
     sd, _ = _sharded_state(model, optimizer, scheduler, iteration, args_dict, rank_state, loading=False)
     try:
         dist_checkpointing.save(sd, partial)
@@ -375,13 +385,26 @@ def open_checkpoint(root: str, *, schedule: dict, scheduler_policy: str = "refus
         _refuse(root, path, f"it holds more than data: {unsafe}")
     with _quiet_dcp():
         common = dist_checkpointing.load_common_state_dict(path)
-    check_scheduler(common["scheduler"], schedule, scheduler_policy, path)
+    if not common.get("weights_only"):
+        check_scheduler(common["scheduler"], schedule, scheduler_policy, path)
     if settings is not None:
-        check_settings(common.get("args"), settings, path)
+        check_settings(common.get("args"), settings, path, resume=not common.get("weights_only"))
     if common.get("format", 1) < FORMAT:
         raise CheckpointError(f"--load {path}: written in checkpoint format {common.get('format', 1)} (before the "
                               f"layout-free optimizer state of format {FORMAT}); resume it with the commit that wrote it")
     return Checkpoint(path, it, common)
+
+
+def load_weights(ckpt: Checkpoint, model) -> int:
+    """The model's weights only, from any checkpoint (collective); returns 0: a run that starts
+    from them starts at iteration 0 with a fresh optimizer, schedule and data order."""
+    with _quiet_dcp():
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt.path)
+    model.load_state_dict(loaded["model"])
+    if dist.get_rank() == 0:
+        log.info("started from the weights of %s (%s): iteration 0, a fresh optimizer", ckpt.path,
+                 "a converted checkpoint" if ckpt.common.get("weights_only") else "its model only")
+    return 0
 
 
 def load_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, restore_rank_state: bool = True):
@@ -392,6 +415,8 @@ def load_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, restore_rank_
     """
     path, it, common = ckpt.path, ckpt.iteration, ckpt.common
     check_resolved(common.get("resolved"), model.config, path)
+    if common.get("weights_only"):
+        return load_weights(ckpt, model), None, common.get("args")
     same_world = int(common.get("world_size", -1)) == dist.get_world_size()
     if not same_world:
         log.warning(
@@ -399,6 +424,7 @@ def load_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, restore_rank_
             "not restored per rank (the data position follows from the iteration)",
             path, common.get("world_size"), dist.get_world_size(),
         )
+    fallbacks.init_empty_adam_state(optimizer)  # megatron's distributed optimizer asserts a state exists
     template, structure = _sharded_state(
         model, optimizer, scheduler, it, {}, {} if (same_world and restore_rank_state) else None, loading=True
     )

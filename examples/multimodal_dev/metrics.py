@@ -10,7 +10,8 @@ metrics contract of ``docs/metrics.md``; every value is global (what one process
   tracker would divide by zero MoE layers);
 * ``router_diagnostics``: ``collect_router_diagnostics`` of every pipeline stage;
 * ``unigram_baseline``: the loss of a model that ignores its inputs, for comparison;
-* ``MetricsWriter``: rank 0's outputs.
+* ``MetricsWriter``: rank 0's outputs, training records (``"split": "train"``) and the
+  evaluation's (``"split": "valid"``, ``evaluation.py``).
 """
 from __future__ import annotations
 
@@ -27,7 +28,10 @@ __all__ = ["IterationStats", "reduce_lm_loss", "moe_losses", "router_diagnostics
            "unigram_baseline", "MetricsWriter", "TB_SCALARS"]
 
 #: the record's scalars that also go to TensorBoard (router diagnostics go per layer)
-TB_SCALARS = ("lm_loss", "load_balancing_loss", "z_loss", "grad_norm", "lr", "tokens_per_sec", "padding_fraction")
+TB_SCALARS = ("lm_loss", "load_balancing_loss", "z_loss", "grad_norm", "lr", "tokens_per_sec", "padding_fraction",
+              # --distill only (multimodal_dev.distill.step.KEYS)
+              "distill/kd_loss", "distill/lm_loss", "distill/moe_lb_loss", "distill/teacher_moe_lb_loss",
+              "distill/total_loss")
 
 
 def _device() -> torch.device:
@@ -49,14 +53,15 @@ class IterationStats:
         self.truncated += int(st.get("truncated_samples", 0))
 
 
-def reduce_lm_loss(losses_reduced) -> tuple[float, float]:
-    """Global (sum, count) of the masked LM loss: over micro-batches, DP x CP and PP stages."""
+def reduce_lm_loss(losses_reduced, key: str = "lm loss") -> tuple[float, float]:
+    """Global (sum, count) of the masked LM loss (or another ``[sum, count]`` the loss function
+    reports under ``key``, e.g. distillation's "kd loss"): over micro-batches, DP x CP and PP stages."""
     from megatron.core import parallel_state as ps
 
     acc = torch.zeros(2, dtype=torch.float64, device=_device())
     if ps.is_pipeline_last_stage():
         for d in losses_reduced:
-            acc += d["lm loss"].to(acc)
+            acc += d[key].to(acc)
         dist.all_reduce(acc, group=ps.get_data_parallel_group(with_context_parallel=True))
     if ps.get_pipeline_model_parallel_world_size() > 1:  # rank 0 sits on the first stage
         dist.all_reduce(acc, group=ps.get_pipeline_model_parallel_group())
@@ -171,20 +176,32 @@ class MetricsWriter:
                             dynamic_ncols=True, file=sys.stdout)
 
     def write(self, rec: dict) -> None:
+        """One record: ``"split": "train"`` (one per iteration) or ``"valid"`` (one per evaluation:
+        TensorBoard tags under ``valid/``, a short console line always printed, no progress step)."""
         if not self.enabled:
             return
         it = rec["iteration"]
+        valid = rec.get("split") == "valid"
+        tag = "valid/" if valid else ""
         if self.jsonl:
             self.jsonl.write(json.dumps(rec) + "\n")
             self.jsonl.flush()
         if self.tb:
             for k in TB_SCALARS:
                 if rec.get(k) is not None and math.isfinite(rec[k]):
-                    self.tb.add_scalar(k, rec[k], it)
+                    self.tb.add_scalar(tag + k, rec[k], it)
             for d in rec.get("router", []):
                 for k in ("entropy", "load_balance", "max_min_ratio"):
                     if math.isfinite(d[k]):
-                        self.tb.add_scalar(f"router/layer{d['layer']}/{k}", d[k], it)
+                        self.tb.add_scalar(f"{tag}router/layer{d['layer']}/{k}", d[k], it)
+        if valid:
+            line = (f"valid iter {it} | lm loss {rec['lm_loss']:.4f} | lb loss {rec['load_balancing_loss']:.4g} | "
+                    f"z loss {rec['z_loss']:.4g}")
+            if self.bar is not None:
+                self.bar.write(line)
+            else:
+                print(line, flush=True)
+            return
         line = (f"iter {it:>6}/{self.train_iters} | lm loss {rec['lm_loss']:.4f} | "
                 f"lb loss {rec['load_balancing_loss']:.4g} | z loss {rec['z_loss']:.4g} | "
                 f"grad norm {rec['grad_norm']:.3f} | lr {rec['lr']:.3g} | "

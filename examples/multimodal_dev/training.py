@@ -49,6 +49,7 @@ def initialize(cfg) -> bool:
     from megatron.mcore_ext import cpu_runtime, fallbacks
     from megatron.mcore_ext.netutil import free_port
     from multimodal_dev.models import load_plugin
+    from multimodal_dev.models.contract import transformer_impl_choice
     from multimodal_dev.startup import accelerator_summary, setup_logging
 
     on_cpu = cpu_runtime.apply()
@@ -64,7 +65,7 @@ def initialize(cfg) -> bool:
                                 timeout=datetime.timedelta(minutes=cfg.distributed_timeout_minutes))
     setup_logging(cfg.logging, dist.get_rank())
     if dist.get_rank() == 0:
-        log.info(accelerator_summary())
+        log.info("%s; %s", accelerator_summary(), transformer_impl_choice(cfg.model.transformer_impl)[1])
     cfg.layout.initialize()
     for plugin in cfg.model.plugins:
         load_plugin(plugin)
@@ -77,7 +78,7 @@ def initialize(cfg) -> bool:
 
 # ------------------------------------------------------------------------------------------------
 # model, DDP, optimizer, scheduler
-def build_model_and_optimizer(cfg):
+def build_model_and_optimizer(cfg, load_hf_weights: bool = True):
     """``(ddp, model, optimizer, scheduler, layer_graphs)``: the DDP-wrapped model, the unwrapped
     model, its optimizer and scheduler, and the decoder layers' CUDA graphs (or None)."""
     from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
@@ -86,13 +87,20 @@ def build_model_and_optimizer(cfg):
 
     from megatron.mcore_ext.ddp import BatchedGradDDP
     from megatron.mcore_ext.experts import GroupedGemmSequentialMLP
-    from megatron.mcore_ext.fallbacks import use_fused_adam
+    from megatron.mcore_ext.fallbacks import fused_adam_summary, use_fused_adam
+    from multimodal_dev import freezing, recompute
     from multimodal_dev.checkpoint_checks import schedule_from_flags
-    from multimodal_dev.models import build_model
+    from multimodal_dev.models import build_model, build_model_from_hf
 
     options = cfg.build_options()
-    model = build_model(cfg.model.arch, cfg.model.variant, options)
+    if cfg.model.hf_checkpoint:  # a resumed run takes its weights from the checkpoint instead
+        model = build_model_from_hf(cfg.model.hf_checkpoint, options, arch=cfg.model.arch,
+                                    variant=cfg.model.variant, load_weights=load_hf_weights)
+    else:
+        model = build_model(cfg.model.arch, cfg.model.variant, options)
     config = model.config
+    recompute.check_applies(model, cfg.model.recompute, packed=cfg.data.packed, pipeline_parallel=cfg.layout.pp)
+    log.info(freezing.freeze(model, cfg.model.freeze))  # before the DDP wrap: no grad buffer, no optimizer state
     log.info("resolved model settings: %s",
              ", ".join(f"{k}={getattr(config, k, None)!r}" for k in _RESOLVED_FIELDS))
     if torch.cuda.is_available():
@@ -125,7 +133,7 @@ def build_model_and_optimizer(cfg):
         adam_beta2=o.adam_beta2, clip_grad=o.clip_grad, bf16=cfg.bf16, params_dtype=options.params_dtype,
         use_distributed_optimizer=o.use_distributed_optimizer,
     ), [ddp])
-    log.info("optimizer: fused AdamW kernel for %d parameter groups", use_fused_adam(optimizer))
+    log.info("optimizer: %s", fused_adam_summary(optimizer, use_fused_adam(optimizer)))
     scheduler = OptimizerParamScheduler(optimizer, **schedule_from_flags(o))
     # as megatron.training does: the schedules call these
     config.no_sync_func = ddp.no_sync
@@ -135,16 +143,16 @@ def build_model_and_optimizer(cfg):
 
 
 # ------------------------------------------------------------------------------------------------
-def train_step(cfg, forward_backward, ddp, optimizer, scheduler, micro_batches, batch_hook):
-    """One iteration: forward and backward over its micro-batches, then the optimizer step.
-    Returns ``(losses per micro-batch, lr used, grad norm, whether the update was applied)``."""
+def train_step(cfg, forward_backward, ddp, optimizer, scheduler, micro_batches, batch_hook, teacher=None):
+    """One iteration: forward and backward over its micro-batches, then the optimizer step (``teacher``:
+    --distill's). Returns ``(losses per micro-batch, lr used, grad norm, whether the update was applied)``."""
     from multimodal_dev.forward_step import forward_step
 
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
     losses = forward_backward(
-        forward_step_func=functools.partial(forward_step, use_padding_mask=cfg.model.padding_mask,
-                                            batch_hook=batch_hook),
+        forward_step_func=functools.partial(forward_step, use_padding_mask=cfg.model.padding_mask, batch_hook=batch_hook)
+        if teacher is None else teacher.prepare_step(cfg, micro_batches, batch_hook),  # --distill: KD + LM loss
         data_iterator=iter(micro_batches) if micro_batches is not None else None,
         model=[ddp],
         num_microbatches=cfg.data.num_microbatches,
@@ -165,6 +173,7 @@ def _record(iteration, loss, moe, grad_norm, lr, counts, elapsed, diags, baselin
     tokens, padding, skipped, truncated = (int(c) for c in counts)
     rec = {
         "iteration": iteration,
+        "split": "train",
         "lm_loss": loss_sum / max(loss_count, 1.0),
         "load_balancing_loss": moe["load_balancing_loss"],
         "z_loss": moe["z_loss"],
@@ -189,11 +198,11 @@ def _record(iteration, loss, moe, grad_norm, lr, counts, elapsed, diags, baselin
 
 
 def train(cfg) -> list[dict]:
-    """Run the whole job; returns the per-iteration records (rank 0: the metrics written)."""
+    """Run the whole job; returns the training and validation records (rank 0: the metrics written)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from multimodal_dev import checkpointing, metrics
+    from multimodal_dev import checkpointing, distill, evaluation, metrics
     from multimodal_dev.checkpoint_checks import schedule_from_flags, scheduler_policy
     from multimodal_dev.data.stream import open_data
 
@@ -209,10 +218,11 @@ def train(cfg) -> list[dict]:
         checkpoint = checkpointing.open_checkpoint(
             ck.load, schedule=schedule_from_flags(cfg.optimizer), scheduler_policy=scheduler_policy(cfg.optimizer),
             settings=cfg.to_dict(), optional=ck.load_optional)
-    ddp, model, optimizer, scheduler, graphs = build_model_and_optimizer(cfg)
+    ddp, model, optimizer, scheduler, graphs = build_model_and_optimizer(cfg, load_hf_weights=checkpoint is None)
+    teacher = distill.build_teacher(cfg, model)  # --distill: the frozen teacher (None without)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model %s/%s: %.2fM parameters on rank 0; layout %s; %s", cfg.model.arch, cfg.model.variant,
-             n_params / 1e6, cfg.layout.describe(), "THD (packed)" if cfg.data.packed else "BSHD (padded)")
+    log.info("model %s/%s: %.2fM parameters on rank 0; layout %s; %s", cfg.model.arch,
+             cfg.model.variant or cfg.model.hf_checkpoint, n_params / 1e6, cfg.layout.describe(), "THD (packed)" if cfg.data.packed else "BSHD (padded)")
     iteration, data_state = 0, None
     if checkpoint is not None:
         iteration, data_state, _ = checkpointing.load_checkpoint(checkpoint, model, optimizer, scheduler)
@@ -231,6 +241,13 @@ def train(cfg) -> list[dict]:
                  "inputs gets this loss)", baseline)
     writer = metrics.MetricsWriter(cfg.logging, cfg.train_iters, iteration, enabled=rank == 0)
     forward_backward = get_forward_backward_func()
+    evaluator = evaluation.Evaluator(cfg, ddp, model, graphs) if cfg.eval.interval else None
+
+    def evaluate(final: bool = False) -> None:  # --eval-interval (evaluation.py)
+        rec = evaluator.maybe_evaluate(iteration, final) if evaluator is not None else None
+        if rec is not None:
+            records.append(rec)
+            writer.write(rec)
 
     def save() -> None:
         checkpointing.save_checkpoint(ck.save, iteration, model, optimizer, scheduler, cfg.to_dict(),
@@ -242,7 +259,7 @@ def train(cfg) -> list[dict]:
             t0 = time.perf_counter()
             stats = metrics.IterationStats()
             micro = stream.next_iteration() if stream is not None else None
-            losses, lr, grad_norm, _ = train_step(cfg, forward_backward, ddp, optimizer, scheduler, micro, stats.hook)
+            losses, lr, grad_norm, _ = train_step(cfg, forward_backward, ddp, optimizer, scheduler, micro, stats.hook, teacher)
             iteration += 1
             if lr == 0.0 and iteration > cfg.optimizer.warmup_iters + 1 and not warned_lr0:
                 log.warning("iteration %d trains with learning rate 0: the schedule (decay over %d iterations to "
@@ -257,8 +274,10 @@ def train(cfg) -> list[dict]:
             rec = _record(iteration, metrics.reduce_lm_loss(losses),
                           metrics.moe_losses(model.config, cfg.data.num_microbatches), grad_norm, lr, counts,
                           time.perf_counter() - t0, metrics.router_diagnostics(model), baseline, graphs)
+            rec.update(distill.record(teacher, losses, rec, model.config, cfg.data.num_microbatches))
             records.append(rec)
             writer.write(rec)
+            evaluate()
             if ck.save and ck.save_interval and iteration % ck.save_interval == 0:
                 save()
                 saved_at = iteration
@@ -274,6 +293,7 @@ def train(cfg) -> list[dict]:
                 return records
         if ck.save and saved_at != iteration:
             save()
+        evaluate(final=True)
     finally:
         writer.close()
         if exit_signal is not None:

@@ -17,6 +17,11 @@ that opens a ``torch.no_grad()`` context even for a plain tensor (~6.5 us each: 
 time per ``proxy`` step, 1,044 gradients). ``clip_grads`` gets ``fast_to_local_if_dtensor``, the
 same function with the context only where there is a DTensor to convert.
 
+Without Transformer Engine, ``tensor_parallel.CheckpointWithoutOutput`` (megatron's output-
+discarding checkpoint: selective recomputation of ``layernorm`` and ``gdn_norm_out``) sets its
+``fp8`` flag to ``fp8 is not None`` -- True for its default ``fp8=False`` -- and then calls TE's
+``FP8GlobalStateManager``, a NameError. ``apply()`` makes the flag False there (FP8 needs TE).
+
 ``use_fused_adam(optimizer)`` (called by the trainer on the optimizer it built) switches
 megatron's torch AdamW to torch's fused kernel, for which megatron-core 0.19.2 has no switch.
 """
@@ -102,8 +107,23 @@ def apply() -> bool:
     if getattr(moptimizer, "_multi_tensor_copy_this_to_that", foreach_copy_this_to_that) is not foreach_copy_this_to_that:
         moptimizer._multi_tensor_copy_this_to_that = foreach_copy_this_to_that
         changed = True
+    from megatron.core.tensor_parallel import random as mrandom
+
+    if not mrandom.HAVE_TE and not getattr(mrandom.CheckpointWithoutOutput.__init__, "_fp8_off", False):
+        mrandom.CheckpointWithoutOutput.__init__ = _fp8_off(mrandom.CheckpointWithoutOutput.__init__)
+        changed = True
     _applied = True
     return changed
+
+
+def _fp8_off(init):
+    """``CheckpointWithoutOutput.__init__`` with ``fp8`` False (no TE: no FP8; module docstring)."""
+    def __init__(self, fp8=False):
+        init(self, fp8)
+        self.fp8 = False
+
+    __init__._fp8_off = True
+    return __init__
 
 
 def use_fused_adam(optimizer) -> int:
@@ -126,4 +146,43 @@ def use_fused_adam(optimizer) -> int:
                 group["fused"], group["foreach"] = True, False
                 n += 1
         torch_opt._step_supports_amp_scaling = True  # what torch sets when built with fused=True
+    return n
+
+
+def fused_adam_summary(optimizer, switched: int) -> str:
+    """One log line: which Adam implementation megatron built and how many groups ``use_fused_adam``
+    switched to torch's fused kernel (a TE/apex ``FusedAdam`` is fused already: 0 switched is right)."""
+    names = sorted({type(getattr(o, "optimizer", o)).__module__.split(".")[0] + "." + type(getattr(o, "optimizer", o)).__name__
+                    for o in getattr(optimizer, "chained_optimizers", None) or [optimizer]})
+    return f"{', '.join(names)}; torch's fused AdamW kernel switched on for {switched} parameter groups"
+
+
+def init_empty_adam_state(optimizer) -> int:
+    """Give every parameter of megatron's *distributed* optimizer without TE/apex an Adam state
+    (``step`` 0, zero moments) when it has none yet, before a checkpoint load builds its template.
+
+    Why: megatron-core 0.19.2's ``DistributedOptimizer.sharded_state_dict(..., is_loading=True)``
+    first calls ``state_dict()``, which without TE/apex reads the one ``step`` all parameters share
+    (``assert len(steps) == 1``) -- false before the first step, when torch's Adam holds no state
+    at all, so every resume into a fresh distributed optimizer failed (measured on one H200: the
+    off -> on resume of tests/unit/test_faults.py). The load then overwrites these values in place
+    (moments and step from the checkpoint), exactly as megatron's own dummy-state path intends.
+    Returns the number of parameters given a state.
+    """
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+
+    n = 0
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        if HAVE_APEX_OR_TE or not isinstance(opt, DistributedOptimizer):
+            continue
+        torch_opt = opt.optimizer
+        for group in torch_opt.param_groups:
+            on_device = bool(group.get("fused") or group.get("capturable"))  # torch keeps step there then
+            for p in group["params"]:
+                if torch_opt.state.get(p):
+                    continue
+                torch_opt.state[p] = {
+                    "step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
+                    "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                n += 1
     return n

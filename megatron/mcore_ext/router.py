@@ -27,6 +27,11 @@ DDP average over CP in ``MoEAuxLossAutoScaler``'s scale). What this module chang
 * diagnostics (on by default, cheap): per layer, tokens per expert and the router entropy from the
   clean probabilities (before input jitter and expert bias), valid tokens only
   (``router_diagnostics``).
+* evaluation (``record_eval_losses``, off by default): megatron computes the load-balancing and
+  z-losses only in training mode with gradients on. With the flag set, a router in eval mode
+  records the same values (same definitions, same metric names) in megatron's metrics tracker,
+  with no gradient attached and no running state touched (global_aux_loss then uses each
+  micro-batch's own global counts: its running counts belong to training).
 
 ``LOAD_BALANCING_METRICS`` / ``Z_LOSS_METRIC``: the names under which the losses are recorded in
 megatron's MoE metrics tracker, one table for the router and the trainer's metrics.
@@ -80,6 +85,9 @@ class PaddingAwareTopKRouter(TopKRouter):
     #: the common configuration (softmax, top-k, micro-batch aux loss) in one fused pass with the
     #: same results (``_fast_routing``); False forces megatron's generic routing path
     fast_routing: bool = True
+    #: in eval mode, record the aux and z-loss values in megatron's tracker (see the module
+    #: docstring; set by ``multimodal_dev.evaluation`` around its forwards)
+    record_eval_losses: bool = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -139,6 +147,8 @@ class PaddingAwareTopKRouter(TopKRouter):
             self.diagnostics.add_entropy_of_logits(clean.reshape(-1, self.config.num_moe_experts),
                                                    self.score_function, padding_mask)
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        if self._eval_losses_on() and self.is_aux_loss_enabled():
+            self._record_eval_aux_losses(logits, padding_mask)
         if self._masks_dispatch(padding_mask):
             # Padded tokens go to no expert: no expert FLOPs, no dispatch traffic. (The aux losses
             # are attached upstream of probs, so this changes nothing for them.)
@@ -146,6 +156,24 @@ class PaddingAwareTopKRouter(TopKRouter):
             routing_map = routing_map & valid
             probs = probs * valid
         return probs, routing_map
+
+    def _eval_losses_on(self) -> bool:
+        return self.record_eval_losses and not self.training
+
+    def _record_eval_aux_losses(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> None:
+        """Evaluation on the generic path: megatron's ``routing`` computes the load-balancing
+        losses in training only; the same inputs (``compute_routing_scores_for_aux_loss``) and the
+        same ``_apply_*`` here, which in eval mode record the value and attach nothing."""
+        from megatron.core.transformer.moe.moe_utils import compute_routing_scores_for_aux_loss
+
+        seq_length, bsz = logits.shape[:2]
+        flat = logits.reshape(-1, self.config.num_moe_experts)
+        pad = None if padding_mask is None else padding_mask.reshape(-1)
+        rmap, scores = compute_routing_scores_for_aux_loss(flat, self.topk, self.score_function,
+                                                           fused=self.config.moe_router_fusion, padding_mask=pad)
+        self._apply_aux_loss(None, scores, rmap)  # probs None: nothing to attach to
+        self._apply_seq_aux_loss(None, scores, rmap, seq_length, bsz)
+        self._apply_global_aux_loss(None, scores, rmap)
 
     # ------------------------------------------------------------------ fused common case
     def _fast_routing_applies(self) -> bool:
@@ -184,15 +212,18 @@ class PaddingAwareTopKRouter(TopKRouter):
         logits = self.apply_z_loss(logits, padding_mask=pad)
 
         coeff = self.get_aux_loss_coeff("aux_loss")
-        aux_on = self.training and torch.is_grad_enabled() and coeff > 0
+        aux_on = coeff > 0 and ((self.training and torch.is_grad_enabled()) or self._eval_losses_on())
         diag_on = self._diagnostics_on()
         pre_softmax = self.config.moe_router_pre_softmax
         scores = (torch.softmax(logits, dim=-1, dtype=torch.float32)
                   if (aux_on or pre_softmax or (diag_on and self._clean_logits is None)) else None)
+        # sorted in training: the no-grad first pass of activation recomputation must sum the
+        # top-k softmax in the same order as its re-run (and as a run without recomputation)
+        ordered = self.training or torch.is_grad_enabled()
         if pre_softmax:
-            probs_k, top = torch.topk(scores, k, dim=1, sorted=torch.is_grad_enabled())
+            probs_k, top = torch.topk(scores, k, dim=1, sorted=ordered)
         else:
-            top_logits, top = torch.topk(logits, k, dim=1, sorted=torch.is_grad_enabled())
+            top_logits, top = torch.topk(logits, k, dim=1, sorted=ordered)
             probs_k = torch.softmax(top_logits, dim=-1, dtype=torch.float32)
         if self.config.moe_router_topk_scaling_factor:
             probs_k = probs_k * self.config.moe_router_topk_scaling_factor
@@ -231,7 +262,8 @@ class PaddingAwareTopKRouter(TopKRouter):
 
     # ------------------------------------------------------------------ z-loss
     def apply_z_loss(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        if self.config.moe_z_loss_coeff is None or not self.training or not torch.is_grad_enabled():
+        trains = self.training and torch.is_grad_enabled()
+        if self.config.moe_z_loss_coeff is None or not (trains or self._eval_losses_on()):
             return logits
         coeff = self.config.moe_z_loss_coeff
         z = torch.logsumexp(logits.float(), dim=-1).square()
@@ -244,11 +276,10 @@ class PaddingAwareTopKRouter(TopKRouter):
         n_global = all_reduced(n_local.detach(), self.tp_cp_group)
         # shares of coeff * mean over the valid tokens of the TP x CP group
         partial = z.sum() * coeff / n_global.clamp_min(1.0) * self._mtp_scale()
-        if self.calculate_per_token_loss:
-            attached = partial * n_global  # = coeff * local valid sum (finalize divides by all tokens)
-        else:
-            attached = partial
-        logits = MoEAuxLossAutoScaler.apply(logits, attached)
+        if trains:  # evaluation records the value only
+            # per-token loss: coeff * local valid sum (finalize divides by all tokens)
+            attached = partial * n_global if self.calculate_per_token_loss else partial
+            logits = MoEAuxLossAutoScaler.apply(logits, attached)
         self._record_metric(Z_LOSS_METRIC, partial / coeff, reduce_group=self.tp_cp_group, needs_dp_avg=True)
         return logits
 
@@ -310,6 +341,8 @@ class PaddingAwareTopKRouter(TopKRouter):
         if self._mtp_scale() != 1.0:
             partial = partial * self._mtp_scale()
         self._record_metric(name, partial, reduce_group=reduce_group, needs_dp_avg=needs_dp_avg)
+        if not self.training:  # evaluation (record_eval_losses): the value only
+            return probs
         if self.calculate_per_token_loss:
             # Grads are summed over DP and finalize_model_grads divides them by the global token
             # count; the partials are shares of a mean over ``group_valid`` tokens, so multiply
@@ -353,8 +386,8 @@ class PaddingAwareTopKRouter(TopKRouter):
         if coeff == 0:
             return probs
         partial, n_group = self._lbl_partial(
-            scores_for_aux_loss, routing_map, reduce_group=self.tp_dp_cp_group, accumulate=True
-        )
+            scores_for_aux_loss, routing_map, reduce_group=self.tp_dp_cp_group, accumulate=self.training
+        )  # evaluation: this micro-batch's counts (the running ones are training's)
         # Partials sum over TP x DP x CP to the global loss; DDP averages router grads over DP, so
         # the gradient-carrying copy is scaled by the DP size (CP is compensated by megatron's
         # aux-loss scale; with calculate_per_token_loss grads are summed, see _attach).

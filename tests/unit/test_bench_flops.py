@@ -114,3 +114,14 @@ def test_gated_deltanet_layers_are_counted_by_hand():
     assert hyb["attention_projections"] * 2 == full["attention_projections"]
     assert hyb["attention_core"] * 2 == full["attention_core"]
     assert hyb["total"] == sum(v for k, v in hyb.items() if k not in ("total", "forward"))
+
+
+def test_model_flops_per_batch_is_the_total_of_the_architectures_count():
+    """``MultimodalModel.flops_per_batch`` (the contract's one number) from qwen35's per-part dict."""
+    from types import SimpleNamespace
+
+    from multimodal_dev.models.base import MultimodalModel
+
+    thd = pack_or_pad_batch(_samples(), CollateConfig(layout="thd", image_token_id=IMG, spatial_merge_size=2))
+    stub = SimpleNamespace(_flops_fn=lambda b: model_flops_per_step(get_variant("tiny"), b))
+    assert MultimodalModel.flops_per_batch(stub, thd) == float(_hand_count())

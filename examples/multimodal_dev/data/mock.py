@@ -115,7 +115,8 @@ class MockProvider(DatasetProvider):
                 prefix = "<image>" * len(images) if t == 0 else ""
                 conv += [{"role": "user", "content": prefix + " ".join(texts[2 * t])},
                          {"role": "assistant", "content": " ".join(texts[2 * t + 1])}]
-            sample = build_sample(conv, images, self.tokenizer, image_processor_kwargs=self.image_kwargs, key=key)
+            sample = build_sample(conv, images, self.tokenizer, image_processor_kwargs=self.image_kwargs, key=key,
+                                  answer_only_loss=c.answer_only_loss)
             if max_tokens is None or sample["tokens"].numel() <= max_tokens:
                 return sample
             # over the limit (word-boundary rounding): drop a word from the longest text, then images

@@ -55,7 +55,9 @@ class DataConfig:
     provider: str = "mock"
     data_path: list[str] = field(default_factory=list)
     seed: int = 1234
-    tokenizer_path: Optional[str] = None  # None: the shipped tokenizer
+    tokenizer_path: Optional[str] = None  # None: the shipped tokenizer; a tokenizer.json or a directory holding one
+    chat_template: Optional[str] = "auto"  # "auto": the one next to the tokenizer; "none": built-in layout; a file
+    answer_only_loss: bool = True  # False: the loss on every text token, not only the assistant's answers
     # vision preprocessing (preprocess_image)
     patch_size: int = 4
     temporal_patch_size: int = 2
@@ -69,6 +71,7 @@ class DataConfig:
     image_token_id: int = 250
     vision_start_id: int = 248
     vision_end_id: int = 249
+    video_token_id: Optional[int] = None  # checked against a checkpoint's tokenizer (videos are not read)
     # robustness
     max_bad_samples: int = 100  # distinct bad samples + bad shards tolerated; -1: unlimited
     max_sample_tokens: Optional[int] = None  # longer samples are skipped (counted as bad)
@@ -99,7 +102,8 @@ class DataConfig:
                 max_pixels=1024 * factor * factor,
                 image_token_id=spec.image_token_id,
             )
-        for ours, theirs in (("vision_start_id", "vision_start_token_id"), ("vision_end_id", "vision_end_token_id")):
+        for ours, theirs in (("vision_start_id", "vision_start_token_id"), ("vision_end_id", "vision_end_token_id"),
+                             ("video_token_id", "video_token_id")):
             if getattr(spec, theirs) is not None:
                 kw[ours] = getattr(spec, theirs)
         kw.update(overrides)
@@ -259,7 +263,7 @@ class DatasetProvider:
             raise ValueError(f"--max-sample-tokens must be >= 1, got {config.max_sample_tokens}")
         self.tokenizer = TextTokenizer.for_model(
             config.model_vocab_size, config.image_token_id, config.vision_start_id, config.vision_end_id,
-            path=config.tokenizer_path,
+            path=config.tokenizer_path, chat_template=config.chat_template, video_token_id=config.video_token_id,
         )
         self.image_kwargs = config.image_processor_kwargs()
 

@@ -9,7 +9,13 @@ Layout (Qwen chat template, no system prompt unless the conversation has one)::
 Labels are next-token targets: ``labels[i] = tokens[i+1]`` when token ``i+1`` belongs to an
 assistant answer (its text and its closing ``<|im_end|>``), else -100; the last label is -100. So
 the model learns to produce the answer and to stop, and nothing else (not the prompt, not the
-``<|im_start|>assistant\\n`` header, not the newline between turns).
+``<|im_start|>assistant\\n`` header, not the newline between turns). With
+``answer_only_loss=False`` (``--no-answer-only-loss``) every token is a target except the vision
+tokens (``<|vision_start|>``, ``<|image_pad|>`` runs, ``<|vision_end|>``).
+
+When the tokenizer carries a chat template (``tokenizer.chat_template``, a checkpoint's), the
+conversation is rendered and its answers found through it instead (``data.chat_template``), as HF's
+processor renders it; the layout above is the fallback, and what the shipped tokenizer uses.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import torch
 from PIL import Image
 
 from multimodal_dev.data.collate import IGNORE_INDEX
-from multimodal_dev.data.image import preprocess_image
+from multimodal_dev.data.image import num_image_tokens, preprocess_image
 
 __all__ = ["IMAGE_PLACEHOLDER", "SampleError", "build_sample"]
 
@@ -39,9 +45,10 @@ def build_sample(
     *,
     image_processor_kwargs: Mapping[str, Any],
     key: Optional[str] = None,
+    answer_only_loss: bool = True,
 ) -> dict[str, Any]:
     """Tokenise ``conversation`` (list of ``{"role", "content"}``) with ``images`` in the order of
-    the ``"<image>"`` markers in user turns.
+    the ``"<image>"`` markers in user turns; the loss on the answers only, or on all text.
 
     ``image_processor_kwargs`` are ``preprocess_image``'s keywords (``patch_size``,
     ``temporal_patch_size``, ``merge_size``, ``min_pixels``, ``max_pixels``, optionally ``mean``,
@@ -81,6 +88,14 @@ def build_sample(
         grids.append(grid)
 
     tok = tokenizer
+    template = getattr(tok, "chat_template", None)
+    if template is not None:
+        try:
+            ids, trained = template.tokenize(conversation, tok, [num_image_tokens(g, merge) for g in grids],
+                                             answer_only_loss=answer_only_loss)
+        except ValueError as e:  # ChatTemplateError: the template refused it, or placeholders != images
+            raise SampleError(f"{name}: {e}") from e
+        return _sample(ids, trained, pixel_values, grids, key)
     nl = tok.encode("\n")
     ids: list[int] = []
     trained: list[bool] = []  # per token: is it part of an assistant answer (target of the previous)
@@ -109,7 +124,14 @@ def build_sample(
             if part:
                 add(tok.encode(part))
         add([tok.im_end_id])
+    if not answer_only_loss:
+        vision = {tok.vision_start_id, tok.vision_end_id, tok.image_token_id, tok.video_token_id}
+        trained = [i not in vision for i in ids]
+    return _sample(ids, trained, pixel_values, grids, key)
 
+
+def _sample(ids: list[int], trained: list[bool], pixel_values, grids, key) -> dict[str, Any]:
+    """The sample dict; ``trained[i]``: token i is the target of position i-1."""
     tokens = torch.tensor(ids, dtype=torch.long)
     labels = torch.full_like(tokens, IGNORE_INDEX)
     target = torch.tensor(trained[1:], dtype=torch.bool)

@@ -92,15 +92,23 @@ def open_data(data_args, data_spec, *, seed: int, seq_multiple: int, reads_data:
               dp_size: int, state: Optional[Mapping] = None):
     """``(provider, stream)`` of a run: ``data_args`` is the trainer's data section (provider,
     paths, tokenizer, batch sizes, sequence length, layout), ``data_spec`` the model's; the stream
-    is None on ranks that do not read data."""
+    is None on ranks that do not read data. A provider that cannot be made (a ``--tokenizer`` without
+    the special tokens or with ids the model does not have, a chat template that does not work,
+    missing ``--data-path`` shards) is a ``SetupError``: its message names the flag."""
     from multimodal_dev.data.providers import DataConfig, available_providers, build_provider
+    from multimodal_dev.models.contract import SetupError
 
     d = data_args
     if d.provider not in available_providers():
-        raise ValueError(f"--dataset-provider {d.provider!r} is unknown; available: {available_providers()}")
-    provider = build_provider(DataConfig.from_data_spec(
-        data_spec, provider=d.provider, data_path=list(d.data_path), seed=seed, tokenizer_path=d.tokenizer,
-        max_bad_samples=d.max_bad_samples))
+        raise SetupError(f"--dataset-provider {d.provider!r} is unknown; available: {available_providers()}")
+    try:
+        provider = build_provider(DataConfig.from_data_spec(
+            data_spec, provider=d.provider, data_path=list(d.data_path), seed=seed, tokenizer_path=d.tokenizer,
+            chat_template=d.chat_template, answer_only_loss=d.answer_only_loss, max_bad_samples=d.max_bad_samples))
+    except SetupError:
+        raise
+    except (OSError, ValueError) as e:  # the tokenizer, its chat template, the shards: named in the message
+        raise SetupError(str(e)) from e
     if not reads_data:
         return provider, None
     collate = provider.collate_config(layout="thd" if d.packed else "bshd", target_seqlen=d.seq_length,

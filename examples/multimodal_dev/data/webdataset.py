@@ -199,7 +199,8 @@ class _WebDatasetIterator(SampleIterator):
                 raise SampleError(f"{key}.json has no 'conversation' list")
             images = [decode_image(read(e), f"{path}:{key}.{e}") for e in img_exts]
             sample = build_sample(conv, images, self.provider.tokenizer,
-                                  image_processor_kwargs=self.provider.image_kwargs, key=key)
+                                  image_processor_kwargs=self.provider.image_kwargs, key=key,
+                                  answer_only_loss=self.provider.config.answer_only_loss)
             n = sample["tokens"].numel()
             if self.max_tokens is not None and n > self.max_tokens:
                 raise SampleError(

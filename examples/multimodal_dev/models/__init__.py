@@ -5,6 +5,7 @@ from multimodal_dev.models.contract import BuildOptions, DataSpec, MoEOptions  #
 from multimodal_dev.models.registry import (  # noqa: F401
     available_architectures,
     build_model,
+    build_model_from_hf,
     get_architecture,
     load_plugin,
     register_architecture,

@@ -18,10 +18,14 @@ collated batch of ``docs/batch.md`` (whole, not yet split for context parallelis
 5. hands the packed samples' sequence ids to its padding-aware routers (``seq_aux_loss``
    normalises per packed sample) and calls ``GPTModel.forward`` with ``decoder_input``,
    ``packed_seq_params`` (THD) and ``padding_mask``; with labels it returns per-token losses
-   ``[b, s_local]``.
+   ``[b, s_local]``; with ``return_logits=True`` the output layer's vocabulary-parallel logits
+   ``[s_local, b, V/TP]`` instead (no TP gather; knowledge distillation, ``multimodal_dev.distill``).
 
 The interface the trainer uses (``models.contract``): ``config``, ``decoder_layers()``,
-``data_spec``, ``flops_per_batch(batch)``.
+``data_spec``, ``flops_per_batch(batch)``, and for ``--freeze-*`` ``parameter_parts()`` /
+``freeze(parts)``: the parts are "vision" (the vision encoder without its projector), "projector"
+(the vision encoder's module that maps into the language model's hidden size, when the
+architecture names one: ``projector=``) and "language" (the language model).
 """
 from __future__ import annotations
 
@@ -74,7 +78,8 @@ class MultimodalModel(MegatronModule):
         image_token_id: Optional[int],
         mrope: bool = False,
         data_spec: Optional[DataSpec] = None,
-        flops_fn: Optional[Callable[[dict], float]] = None,
+        flops_fn: Optional[Callable[[dict], Any]] = None,
+        projector: Optional[torch.nn.Module] = None,
     ):
         super().__init__(config=language_model.config)
         self.language_model = language_model
@@ -88,6 +93,9 @@ class MultimodalModel(MegatronModule):
             vocab_size=language_model.vocab_size, image_token_id=image_token_id)
         self._flops_fn = flops_fn
         self._routers = [m for m in language_model.modules() if isinstance(m, PaddingAwareTopKRouter)]
+        # a submodule of the vision encoder, held in a list: registering it again here would give
+        # its weights a second name in the state dict
+        self._projector = [projector] if projector is not None else []
 
     # ------------------------------------------------------------------ the trainer's interface
     def decoder_layers(self) -> list[torch.nn.Module]:
@@ -95,10 +103,40 @@ class MultimodalModel(MegatronModule):
         return list(self.language_model.decoder.layers)
 
     def flops_per_batch(self, batch: dict) -> float:
-        """Useful forward + backward FLOPs of the real tokens and images of a collated batch."""
+        """Useful forward + backward FLOPs of the real tokens and images of a collated batch
+        (``flops_fn`` may give one number or a per-part dict with its ``"total"``)."""
         if self._flops_fn is None:
             raise NotImplementedError("this architecture gives no FLOP count (flops_fn)")
-        return float(self._flops_fn(batch))
+        count = self._flops_fn(batch)
+        return float(count["total"] if isinstance(count, dict) else count)
+
+    def parameter_parts(self) -> dict[str, list[torch.nn.Parameter]]:
+        """This rank's parameters by part ("vision", "projector", "language"; module docstring),
+        each parameter in exactly one part; a part this rank does not hold (a later pipeline stage
+        has no vision encoder) or the model does not have is an empty list."""
+        proj = [p for m in self._projector for p in m.parameters()]
+        in_proj = {id(p) for p in proj}
+        vision = [] if self.vision_encoder is None else [
+            p for p in self.vision_encoder.parameters() if id(p) not in in_proj]
+        return {"vision": vision, "projector": proj, "language": list(self.language_model.parameters())}
+
+    def freeze(self, parts) -> list[torch.nn.Parameter]:
+        """Stop training ``parts`` (names of ``parameter_parts``); returns the frozen parameters.
+
+        Their ``requires_grad`` turns False, which must happen before the DDP wrap: megatron-core's
+        DDP then gives them no gradient buffer and ``get_megatron_optimizer`` no state. A router
+        whose own parameters are all frozen also keeps its expert bias: megatron's
+        ``frozen_expert_bias``, which ``finalize_model_grads`` honours (its token counts are still
+        reset every step)."""
+        by_part = self.parameter_parts()
+        frozen = [p for part in parts for p in by_part[part]]
+        for p in frozen:
+            p.requires_grad_(False)
+        for m in self.modules():
+            own = list(m.parameters(recurse=False))
+            if getattr(m, "expert_bias", None) is not None and own and not any(p.requires_grad for p in own):
+                m.frozen_expert_bias = True
+        return frozen
 
     # what megatron-core's schedules and finalize_model_grads ask of a model / pipeline stage
     def set_input_tensor(self, input_tensor) -> None:
@@ -154,9 +192,12 @@ class MultimodalModel(MegatronModule):
             cp_index = cp_partition_index(batch, cp, rank)
         return split_batch_for_cp(part, cp, rank, index=cp_index)
 
-    def forward(self, batch: dict[str, Any], cp_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, batch: dict[str, Any], cp_index: Optional[torch.Tensor] = None, *,
+                return_logits: bool = False) -> torch.Tensor:
         """``batch``: the whole collated micro-batch; ``cp_index``: this CP rank's token index
-        (``cp_split.cp_partition_index``), computed here when not given."""
+        (``cp_split.cp_partition_index``), computed here when not given. ``return_logits``: the
+        last pipeline stage returns the logits ``[s_local, b, V/TP]`` (this rank's vocabulary
+        slice, whole CP-local sequence) instead of the per-token losses; other stages are as ever."""
         decoder_input = self._embed(batch) if self.pre_process else None
         local = self._local(batch, decoder_input, cp_index)
         padding_mask = local.get("padding_mask")
@@ -186,4 +227,12 @@ class MultimodalModel(MegatronModule):
             labels=labels,
             packed_seq_params=packed_seq_params_from_batch(batch),
             padding_mask=padding_mask,
+            **({"output_processor": _vocab_parallel_logits} if return_logits else {}),
         )
+
+
+def _vocab_parallel_logits(*, hidden_states, output_layer, output_weight, scale_logits, **unused):
+    """GPTModel's ``output_processor`` for ``return_logits``: the output layer without its TP
+    gather (``[s, b, V/TP]``), scaled as GPTModel scales its logits (MuP)."""
+    logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=False)
+    return scale_logits(logits)

@@ -8,7 +8,10 @@ which answers what training needs through a small interface:
 * ``model.decoder_layers()``: the language decoder's layers on this pipeline stage (CUDA graphs);
 * ``model.data_spec``: a ``DataSpec`` (vocabulary, special token ids, vision patching) for the
   data pipeline;
-* ``model.flops_per_batch(batch)``: useful forward + backward FLOPs of a collated batch (MFU).
+* ``model.flops_per_batch(batch)``: useful forward + backward FLOPs of a collated batch (MFU);
+* ``model(batch, cp_index=..., return_logits=True)``: on the last pipeline stage the output
+  layer's vocabulary-parallel logits ``[s_local, b, V/TP]`` instead of the per-token losses
+  (knowledge distillation, ``multimodal_dev.distill``: student and teacher alike).
 
 Settings an architecture owns (the MoE coefficients, the router's score function) are ``None``
 in the options unless a flag set them; ``None`` means "the architecture's published value". The
@@ -21,7 +24,8 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["MoEOptions", "BuildOptions", "DataSpec", "SetupError", "resolve_transformer_impl", "te_importable"]
+__all__ = ["MoEOptions", "RecomputeOptions", "BuildOptions", "DataSpec", "SetupError", "resolve_transformer_impl",
+           "transformer_impl_choice", "te_importable"]
 
 
 class SetupError(ValueError):
@@ -63,6 +67,36 @@ class MoEOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class RecomputeOptions:
+    """Activation recomputation of the language decoder, megatron-core's ``TransformerConfig``
+    fields of the same names (the vision encoder is not a megatron block: never recomputed).
+
+    granularity: None (keep every activation), "full" (checkpoint whole decoder layers: their
+        forward runs again in the backward) or "selective" (checkpoint the ``modules`` only).
+    method / num_layers ("full" only): "uniform" checkpoints chunks of ``num_layers`` layers (the
+        input of each chunk is kept), "block" checkpoints the first ``num_layers`` layers of each
+        pipeline stage one by one and keeps the rest.
+    modules ("selective" only): megatron's ``recompute_modules`` (default ``("core_attn",)``).
+    The trainer's flags check the combinations (``arguments``); what applies to a built model is
+    checked by ``multimodal_dev.recompute``.
+    """
+
+    granularity: Optional[str] = None
+    method: Optional[str] = None
+    num_layers: Optional[int] = None
+    modules: tuple[str, ...] = ("core_attn",)
+
+    def config_overrides(self) -> dict[str, Any]:
+        if self.granularity is None:
+            return {}
+        out: dict[str, Any] = dict(recompute_granularity=self.granularity, recompute_method=self.method,
+                                   recompute_num_layers=self.num_layers)
+        if self.granularity == "selective":
+            out["recompute_modules"] = list(self.modules)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
 class BuildOptions:
     """Everything a builder may take from the trainer.
 
@@ -81,6 +115,7 @@ class BuildOptions:
     per_token_loss: megatron's ``calculate_per_token_loss`` (the trainer's loss normalisation:
         every token weighs the same across micro-batches, CP and DP ranks; forward_step).
     cpu_initialization: ``use_cpu_initialization`` (None: the architecture's default).
+    recompute: activation recomputation of the decoder (``RecomputeOptions``).
     pre_process / post_process: None = this rank's pipeline stage.
     """
 
@@ -98,6 +133,7 @@ class BuildOptions:
     per_token_loss: bool = False
     cpu_initialization: Optional[bool] = None
     moe: MoEOptions = MoEOptions()
+    recompute: RecomputeOptions = RecomputeOptions()
     pre_process: Optional[bool] = None
     post_process: Optional[bool] = None
 
@@ -131,6 +167,7 @@ class BuildOptions:
             out["use_cpu_initialization"] = self.cpu_initialization
         if moe:
             out.update(self.moe.config_overrides())
+        out.update(self.recompute.config_overrides())
         return out
 
 
@@ -162,13 +199,28 @@ def te_importable() -> bool:
     return True
 
 
-def resolve_transformer_impl(transformer_impl: str) -> str:
-    """``--transformer-impl``: "local", "transformer_engine", or "auto" (TE when importable)."""
+def transformer_impl_choice(transformer_impl: str) -> tuple[str, str]:
+    """``--transformer-impl`` -> (``"local"`` or ``"transformer_engine"``, why: one log line).
+
+    ``auto`` picks the backend measured faster and proven correct for both row layouts: the local
+    one (docs/performance.md, one H200, ``proxy``, 4 samples of up to 4,096 tokens, bf16, side by
+    side: local 328 ms/step BSHD and 248 ms THD, TE 360 ms BSHD; TE's fused THD attention backward
+    is wrong at Qwen3.5's head_dim 256, see ``mcore_ext.te_attention``). ``transformer_engine``
+    stays selectable (and is refused when TE is not importable).
+    """
     if transformer_impl not in ("auto", "local", "transformer_engine"):
         raise ValueError(f"--transformer-impl must be auto, local or transformer_engine, got {transformer_impl!r}")
     have_te = te_importable()
     if transformer_impl == "transformer_engine" and not have_te:
         raise ValueError("--transformer-impl transformer_engine: Transformer Engine is not importable here")
-    if transformer_impl == "auto":
-        return "transformer_engine" if have_te else "local"
-    return transformer_impl
+    if transformer_impl != "auto":
+        return transformer_impl, f"transformer impl: {transformer_impl} (asked for)"
+    why = ("Transformer Engine is importable, but the local backend was measured faster (BSHD 328 vs 360 ms/step "
+           "for proxy on an H200; docs/performance.md); --transformer-impl transformer_engine selects TE"
+           if have_te else "Transformer Engine is not importable")
+    return "local", f"transformer impl: local (auto: {why})"
+
+
+def resolve_transformer_impl(transformer_impl: str) -> str:
+    """``--transformer-impl`` resolved (``transformer_impl_choice`` without the reason)."""
+    return transformer_impl_choice(transformer_impl)[0]

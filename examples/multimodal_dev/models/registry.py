@@ -22,8 +22,8 @@ from typing import Optional
 from multimodal_dev.models.base import MultimodalModel
 from multimodal_dev.models.contract import BuildOptions, DataSpec
 
-__all__ = ["Architecture", "register_architecture", "get_architecture", "available_architectures", "build_model",
-           "load_plugin"]
+__all__ = ["Architecture", "HFSupport", "register_architecture", "register_hf_support", "get_architecture",
+           "available_architectures", "build_model", "build_model_from_hf", "load_plugin"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,29 @@ class Architecture:
     name: str
     build: Callable[[str, BuildOptions], MultimodalModel]
     variants: Optional[Callable[[], Sequence[str]]] = None
+    hf: Optional["HFSupport"] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class HFSupport:
+    """An architecture's HF checkpoints (``--hf-checkpoint DIR``).
+
+    model_types: the ``config.json`` ``model_type`` values it reads.
+    build(directory, options, load_weights): the model from ``config.json``, its local parameters
+        filled from the safetensors shards when ``load_weights`` (else left as built: a resumed run
+        takes them from its checkpoint).
+    variant_differences(variant, config): what a named variant and ``config.json`` disagree on
+        (``[]``: the same model), for ``--variant`` given beside ``--hf-checkpoint``.
+    state_to_hf(model, config): a whole (one-process) model's HF state dict (export).
+    config_for_variant(variant): the ``config.json`` of a named variant (export of a run that did
+        not start from an HF checkpoint).
+    """
+
+    model_types: tuple[str, ...]
+    build: Callable[[str, BuildOptions, bool], MultimodalModel]
+    variant_differences: Callable[[str, dict], list[str]]
+    state_to_hf: Callable[[MultimodalModel, dict], dict]
+    config_for_variant: Callable[[str], dict]
 
 
 _REGISTRY: dict[str, Architecture] = {}
@@ -50,6 +73,13 @@ def register_architecture(name: str, *, variants: Optional[Callable[[], Sequence
         return builder
 
     return deco
+
+
+def register_hf_support(name: str, support: HFSupport) -> None:
+    """Give the registered architecture ``name`` its HF checkpoint support."""
+    if name not in _REGISTRY:
+        raise ValueError(f"register_hf_support: no architecture '{name}' registered")
+    _REGISTRY[name] = dataclasses.replace(_REGISTRY[name], hf=support)
 
 
 def _load_builtin_architectures() -> None:
@@ -109,4 +139,36 @@ def build_model(arch: str, variant: str, options: Optional[BuildOptions] = None)
 
         # the vision encoder is replicated (not sharded): its builder seeds it on its own
         layout_independent_init(model, options.seed, include=lambda n: not n.startswith("vision_encoder."))
+    return model
+
+
+def build_model_from_hf(directory: str, options: Optional[BuildOptions] = None, *, arch: Optional[str] = None,
+                        variant: Optional[str] = None, load_weights: bool = True) -> MultimodalModel:
+    """The model of the HF checkpoint ``directory`` (``--hf-checkpoint``): the architecture whose
+    ``HFSupport`` reads its ``model_type`` (``arch``, when given, must be it), sizes from its
+    ``config.json``; ``variant``, when given, must describe the same model. Errors are
+    ``SetupError`` naming the flag."""
+    from multimodal_dev.hf_checkpoint import read_hf_config
+    from multimodal_dev.models.contract import SetupError
+
+    _load_builtin_architectures()
+    config = read_hf_config(directory)
+    model_type = config.get("model_type")
+    readers = [a for a in _REGISTRY.values() if a.hf is not None and model_type in a.hf.model_types]
+    if not readers:
+        raise SetupError(f"--hf-checkpoint {directory}: no architecture reads model_type {model_type!r} "
+                         f"(readable: {sorted(t for a in _REGISTRY.values() if a.hf for t in a.hf.model_types)})")
+    found = readers[0]
+    if arch is not None and arch != found.name:
+        raise SetupError(f"--model-arch {arch} disagrees with --hf-checkpoint {directory} (model_type {model_type!r} "
+                         f"is architecture '{found.name}')")
+    if variant is not None:
+        diff = found.hf.variant_differences(variant, config)
+        if diff:
+            raise SetupError(f"--variant {variant} disagrees with --hf-checkpoint {directory}/config.json: "
+                             + "; ".join(diff[:12]) + (f" (and {len(diff) - 12} more)" if len(diff) > 12 else "")
+                             + ". Leave --variant out: the sizes come from config.json")
+    model = found.hf.build(directory, options if options is not None else BuildOptions(), load_weights)
+    if not isinstance(model, MultimodalModel):
+        raise TypeError(f"the HF builder of '{found.name}' returned {type(model).__name__}, expected a MultimodalModel")
     return model

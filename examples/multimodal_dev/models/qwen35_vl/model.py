@@ -3,7 +3,9 @@
 ``build_qwen35_vl(variant, options)`` is the registered builder: the variant's configs
 (``configuration.py``), the decoder block spec from the architecture-agnostic ``models.spec``,
 the language model, the vision tower (replicated on every rank of the first pipeline stage: it is
-small next to the MoE decoder), the ``DataSpec`` and the FLOP count (``flops.py``).
+small next to the MoE decoder), the ``DataSpec`` and the FLOP count (``flops.py``). Its parts for
+``--freeze-*``: "vision" = the tower without its merger, "projector" = the 2x2 patch merger
+(``vision.merger``, which projects to the LM hidden size), "language" = the language model.
 """
 from __future__ import annotations
 
@@ -149,9 +151,11 @@ def build_qwen35_language_model(
 
 
 def build_from_configs(text_cfg: Qwen35TextConfig, vision_cfg: Qwen35VisionConfig, tokens: dict,
-                       options: BuildOptions) -> MultimodalModel:
-    """The whole model from its configs (a named variant or an HF ``config.json``)."""
-    lm = build_qwen35_language_model(text_cfg, options)
+                       options: BuildOptions, init_weights: bool = True) -> MultimodalModel:
+    """The whole model from its configs (a named variant or an HF ``config.json``).
+    ``init_weights=False``: the decoder's weights are left uninitialised (megatron's
+    ``perform_initialization=False``), for weights that are loaded next."""
+    lm = build_qwen35_language_model(text_cfg, options, **({} if init_weights else {"perform_initialization": False}))
     vision = None
     if lm.pre_process:
         # layout-independent init: the vision tower's weights from a generator of their own (the
@@ -167,6 +171,7 @@ def build_from_configs(text_cfg: Qwen35TextConfig, vision_cfg: Qwen35VisionConfi
         lm, vision, image_token_id=tokens["image_token_id"], mrope=True,
         data_spec=data_spec(text_cfg, vision_cfg, tokens),
         flops_fn=functools.partial(model_flops_per_step, text_cfg, vision_cfg),
+        projector=vision.merger if vision is not None else None,  # the 2x2 patch merger (--freeze-projector)
     )
 
 
