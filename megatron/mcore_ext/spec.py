@@ -5,7 +5,7 @@ import dataclasses
 import functools
 from collections.abc import Iterable, Mapping
 
-__all__ = ["replace_modules", "contains_module", "local_spec", "LOCAL_SPEC_CONFIG"]
+__all__ = ["replace_modules", "contains_module", "local_spec", "te_spec", "LOCAL_SPEC_CONFIG"]
 
 #: TransformerConfig settings the pure-PyTorch local spec needs wherever it runs: no fused kernels
 #: that exist only with apex / TE / CUDA extensions, weights initialised on the CPU generator.
@@ -104,3 +104,20 @@ def local_spec(spec):
     except Exception:  # not importable without apex in some builds: nothing to replace then
         pass
     return replace_modules(spec, mapping, optional=optional)
+
+
+def te_spec(spec):
+    """Our packed-row pieces in a megatron-core Transformer Engine spec: TE's core attention given
+    the padded sample boundaries, so it writes every packed position (``te_attention``: TE leaves
+    the padding between samples unwritten, which poisons the gradients), and self-attention that
+    rotates packed queries and keys in one pass (``packed_rope``: megatron's THD RoPE reads every
+    sample boundary to the host, in every layer). TE's fused norm+linear layers, linears and
+    attention kernels stay as megatron builds them. Imports TE: call it only when TE is usable."""
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+    from megatron.core.transformer.attention import SelfAttention
+
+    from megatron.mcore_ext.packed_rope import PackedRopeSelfAttention
+    from megatron.mcore_ext.te_attention import WholeRowTEDotProductAttention
+
+    mapping = {TEDotProductAttention: WholeRowTEDotProductAttention, SelfAttention: PackedRopeSelfAttention}
+    return replace_modules(spec, mapping, optional=set(mapping))  # a stage of GDN layers has no attention

@@ -297,10 +297,13 @@ def test_split_real_collated_batch_cp2(samples, layout, extra):
 # Transformer Engine's own THD partition (GPU only)
 # ------------------------------------------------------------------------------------------------
 def test_matches_transformer_engine_thd_get_partitioned_indices():
-    tex = pytest.importorskip(
-        "transformer_engine_torch",
+    # TE 2.x loads its torch extension (``transformer_engine_torch``, kept inside the package's
+    # wheel_lib/) when ``transformer_engine.pytorch`` is imported, not as a top-level module
+    pytest.importorskip(
+        "transformer_engine.pytorch",
         reason="Transformer Engine is not installed: cannot compare with tex.thd_get_partitioned_indices",
     )
+    import transformer_engine_torch as tex
     if not torch.cuda.is_available():
         pytest.skip("tex.thd_get_partitioned_indices is a CUDA kernel: needs a GPU")
     rng = np.random.default_rng(0)

@@ -6,7 +6,7 @@ import torch
 
 from megatron.mcore_ext.testing import run_distributed
 from multimodal_dev.models import available_architectures, build_model
-from multimodal_dev.models.contract import resolve_transformer_impl
+from multimodal_dev.models.contract import resolve_transformer_impl, transformer_impl_choice
 
 HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 
@@ -19,7 +19,10 @@ def test_registry_lists_qwen35_and_rejects_unknown():
 
 def test_transformer_impl_resolution():
     assert resolve_transformer_impl("local") == "local"
-    assert resolve_transformer_impl("auto") == ("transformer_engine" if HAVE_TE else "local")
+    assert resolve_transformer_impl("auto") == "local"  # measured faster than TE (docs/performance.md)
+    impl, why = transformer_impl_choice("auto")
+    assert impl == "local" and ("measured faster" in why if HAVE_TE else "not importable" in why), why
+    assert transformer_impl_choice("local") == ("local", "transformer impl: local (asked for)")
     with pytest.raises(ValueError, match="must be auto, local or transformer_engine"):
         resolve_transformer_impl("fast")
     if not HAVE_TE:

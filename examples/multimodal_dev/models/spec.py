@@ -9,14 +9,17 @@ dense MLP from ``moe_layer_freq``.
 
 What the options decide (``BuildOptions``), in this order:
 
-1. the backend: megatron's Transformer Engine spec, or its local spec with our pure-PyTorch pieces
-   (``mcore_ext.spec.local_spec``: SP-capable zero-centred norms, THD/CP core attention, one-pass
-   packed RoPE);
+1. the backend: megatron's Transformer Engine spec with our packed-row pieces
+   (``mcore_ext.spec.te_spec``: TE's core attention writing every packed position, one-pass packed
+   RoPE), or its local spec with our pure-PyTorch pieces (``mcore_ext.spec.local_spec``:
+   SP-capable zero-centred norms, THD/CP core attention, one-pass packed RoPE);
 2. Gated DeltaNet layers: megatron-core's ``GatedDeltaNet`` with kernels chosen where it is built
    (``mcore_ext.gdn``: flash-linear-attention when importable, else our pure-PyTorch kernels),
    with the backend's linear layers and norms;
-3. local backend only: grouped-GEMM experts and the sync-free allgather dispatcher
-   (``mcore_ext.experts`` / ``sorted_dispatch``);
+3. either backend: grouped-GEMM experts and the sync-free allgather dispatcher
+   (``mcore_ext.experts`` / ``sorted_dispatch``; megatron's TE spec otherwise builds
+   ``SequentialMLP``, a Python loop over the experts, because our configs keep
+   ``moe_grouped_gemm=False`` for identical checkpoints on both backends);
 4. the padding-aware router in every MoE layer (``mcore_ext.router``).
 
 Only this pipeline stage's layers are in the returned block.
@@ -104,7 +107,7 @@ def decoder_block_spec(config, options: BuildOptions, vp_stage=None):
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     from megatron.mcore_ext.router import use_padding_aware_router
-    from megatron.mcore_ext.spec import contains_module, local_spec
+    from megatron.mcore_ext.spec import contains_module, local_spec, te_spec
 
     gdn_layers = set(linear_attention_layers(config))
     layer_config = config
@@ -124,10 +127,9 @@ def decoder_block_spec(config, options: BuildOptions, vp_stage=None):
             if offset + i in gdn_layers else layer
             for i, layer in enumerate(block.layer_specs)
         ]
-    if not options.use_te:
-        block = local_spec(block)
+    block = te_spec(block) if options.use_te else local_spec(block)
     has_moe = contains_module(block, MoELayer)
-    if has_moe and not options.use_te and options.grouped_experts:
+    if has_moe and options.grouped_experts:
         from megatron.mcore_ext.experts import use_grouped_experts
 
         block = use_grouped_experts(block, sync_free_dispatch=options.sync_free_dispatch)

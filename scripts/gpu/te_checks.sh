@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# On the GPU machine, after `source scripts/gpu/setup_env.sh; source scripts/gpu/te_setup.sh`: the
+# Transformer Engine proof and benchmark (issue 17, docs/performance.md); logs and JSON under ${OUT:-/tmp/out}.
+#   1. GPU tests with TE: the core attention against ours at head dims 64/128/256 (and TE's own
+#      kernel still wrong at 256), poisoned-memory training steps (TE vs local, THD and BSHD),
+#      TE's thd_get_partitioned_indices against our THD CP split, the backend choice;
+#   2. scripts/bench/train_throughput.py --variant proxy, 4 samples of up to 4,096 tokens, local and
+#      TE side by side (BSHD and THD), and TE with megatron's own experts loop
+#      (--no-grouped-experts --no-sync-free-dispatch) to show where the time went.
+# scripts/gpu/te_poison_probe.py TRAINER-FLAGS says where non-finite values start, for a new case.
+O=${OUT:-/tmp/out}; mkdir -p "$O"
+python3 -m pytest -q -s -rs tests/unit/test_te_gpu.py tests/unit/test_qwen35_registry.py \
+  "tests/unit/test_cp_split.py::test_matches_transformer_engine_thd_get_partitioned_indices" \
+  -p no:cacheprovider > "$O/te_tests.log" 2>&1
+grep -E "^[0-9]+ \{|^raw TE|^te |^local |passed|failed|SKIPPED" "$O/te_tests.log" | cut -c1-300
+B="python3 scripts/bench/train_throughput.py --variant proxy --seq-length 4096 --samples-per-step 4 --warmup 3 --steps 10 --skip-hf --no-gemm-check"
+for impl in local transformer_engine; do
+  $B --megatron-args "--transformer-impl $impl" --json "$O/bench_$impl.json" > "$O/bench_$impl.log" 2>&1
+  grep -E "^ours-|FAILED" "$O/bench_$impl.log"
+done
+$B --configs ours-bshd --megatron-args "--transformer-impl transformer_engine --no-grouped-experts --no-sync-free-dispatch" \
+  > "$O/bench_te_megatron_experts.log" 2>&1
+grep -E "^ours-|FAILED" "$O/bench_te_megatron_experts.log"
