@@ -27,7 +27,7 @@ from megatron.core import parallel_state as ps
 
 from megatron.mcore_ext.cp_split import cp_partition_index
 
-__all__ = ["get_batch", "broadcast_batch", "forward_step", "loss_func"]
+__all__ = ["get_batch", "broadcast_batch", "local_batch", "local_tokens", "forward_step", "loss_func"]
 
 _TENSOR = "t"
 _VALUE = "v"
@@ -97,6 +97,23 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
+def local_batch(data_iterator, *, use_padding_mask: bool = True, batch_hook=None):
+    """``(batch, cp_index)`` of the next micro-batch: read (``get_batch``), shown to ``batch_hook``,
+    without its padding mask when ``use_padding_mask`` is False, and this CP rank's token index
+    (None without CP). The one place a forward step reads its batch (also ``distill.step``)."""
+    batch = get_batch(data_iterator)
+    if batch_hook is not None:
+        batch_hook(batch)
+    if not use_padding_mask:
+        batch = dict(batch, padding_mask=None)
+    return batch, cp_index(batch)
+
+
+def local_tokens(t: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
+    """This CP rank's tokens of a per-token ``[b, s]`` tensor (``index`` from ``local_batch``)."""
+    return t if index is None else t.index_select(-1, index)
+
+
 def forward_step(data_iterator, model, *, use_padding_mask: bool = True, batch_hook=None):
     """Megatron ``forward_step_func``: one micro-batch through the model, and its loss function.
 
@@ -104,12 +121,7 @@ def forward_step(data_iterator, model, *, use_padding_mask: bool = True, batch_h
     comparisons only: the loss stays masked by ``loss_mask``, but the routers then count padding).
     ``batch_hook(batch)`` (optional) sees every batch on every rank, e.g. to count tokens.
     """
-    batch = get_batch(data_iterator)
-    if batch_hook is not None:
-        batch_hook(batch)
-    if not use_padding_mask:
-        batch = dict(batch, padding_mask=None)
-    index = cp_index(batch)
-    loss_mask = batch["loss_mask"] if index is None else batch["loss_mask"].index_select(-1, index)
+    batch, index = local_batch(data_iterator, use_padding_mask=use_padding_mask, batch_hook=batch_hook)
+    loss_mask = local_tokens(batch["loss_mask"], index)
     output = model(batch, cp_index=index)
     return output, functools.partial(loss_func, loss_mask)

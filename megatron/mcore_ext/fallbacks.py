@@ -152,8 +152,8 @@ def use_fused_adam(optimizer) -> int:
 def fused_adam_summary(optimizer, switched: int) -> str:
     """One log line: which Adam implementation megatron built and how many groups ``use_fused_adam``
     switched to torch's fused kernel (a TE/apex ``FusedAdam`` is fused already: 0 switched is right)."""
-    names = sorted({type(getattr(o, "optimizer", o)).__module__.split(".")[0] + "." + type(getattr(o, "optimizer", o)).__name__
-                    for o in getattr(optimizer, "chained_optimizers", None) or [optimizer]})
+    kinds = {type(getattr(o, "optimizer", o)) for o in getattr(optimizer, "chained_optimizers", None) or [optimizer]}
+    names = sorted(f"{k.__module__.split('.')[0]}.{k.__name__}" for k in kinds)
     return f"{', '.join(names)}; torch's fused AdamW kernel switched on for {switched} parameter groups"
 
 

@@ -108,15 +108,20 @@ COMMON = ["--dataset-provider", "mock", "--micro-batch-size", "2", "--global-bat
           "--no-progress-bar", "--seed", "5"]
 
 
-def _run(args, nproc=1):
+def _launch(script, args, nproc=1):
+    """``script`` with ``args`` in a fresh process (``torchrun`` for ``nproc`` > 1)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
-    cmd = [sys.executable, str(ENTRY), *args]
+    cmd = [sys.executable, str(script), *args]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               str(ENTRY), *args]
+               str(script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400, cwd=ROOT)
+
+
+def _run(args, nproc=1):
+    return _launch(ENTRY, args, nproc)
 
 
 def _hf_loss_on_first_iteration(hf_dir) -> tuple[float, int]:
@@ -189,14 +194,7 @@ CONVERT = ROOT / "scripts" / "convert_hf.py"
 
 
 def _convert(args, nproc=1):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
-    cmd = [sys.executable, str(CONVERT), *args]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               str(CONVERT), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400, cwd=ROOT)
+    return _launch(CONVERT, args, nproc)
 
 
 def test_import_then_load_in_another_layout_gives_hfs_loss(tmp_path, hf_dir, hf_first_loss):

@@ -34,17 +34,10 @@ KEYS = ("distill/kd_loss", "distill/lm_loss", "distill/moe_lb_loss", "distill/te
 def local_inputs(data_iterator, use_padding_mask: bool, batch_hook=None):
     """``(batch, cp_index, loss_mask [b, s_local], labels [b, s_local])`` of the next micro-batch,
     read and split as ``forward_step.forward_step`` does."""
-    from multimodal_dev.forward_step import cp_index, get_batch
+    from multimodal_dev.forward_step import local_batch, local_tokens
 
-    batch = get_batch(data_iterator)
-    if batch_hook is not None:
-        batch_hook(batch)
-    if not use_padding_mask:
-        batch = dict(batch, padding_mask=None)
-    index = cp_index(batch)
-    loss_mask, labels = batch["loss_mask"], batch["labels"]
-    if index is not None:
-        loss_mask, labels = loss_mask.index_select(-1, index), labels.index_select(-1, index)
+    batch, index = local_batch(data_iterator, use_padding_mask=use_padding_mask, batch_hook=batch_hook)
+    loss_mask, labels = local_tokens(batch["loss_mask"], index), local_tokens(batch["labels"], index)
     return batch, index, loss_mask, labels
 
 
