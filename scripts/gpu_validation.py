@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -93,7 +94,8 @@ def run(args) -> int:
     work = Path(tempfile.mkdtemp(prefix="gpu_validation_"))  # per-case JSONL; the result is one file
     n_gpu = _gpu_count() if not args.fp32 else args.fake_gpus
     wanted = args.cases.split(",") if args.cases else list(CASES)
-    results = {"gpus": n_gpu, "iters": args.iters, "common": COMMON, "cases": {}, "not_run": {}}
+    common = COMMON + (["--transformer-impl", args.transformer_impl] if args.transformer_impl else [])
+    results = {"gpus": n_gpu, "iters": args.iters, "common": common, "cases": {}, "not_run": {}}
     try:
         import torch
 
@@ -118,7 +120,7 @@ def run(args) -> int:
         if args.fp32:  # smoke test of this script on a CPU machine
             flags = [f for f in flags if f not in ("--bf16", "--use-distributed-optimizer")]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
-               str(ENTRY), *COMMON, *flags,
+               str(ENTRY), *common, *flags,
                "--train-iters", str(args.iters), "--metrics-file", str(metrics)]
         t0 = time.time()
         r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="4"))
@@ -132,7 +134,7 @@ def run(args) -> int:
             rec["error"] = (r.stdout + r.stderr)[-4000:]
             print(f"[{name}] FAILED rc={r.returncode}\n{rec['error'][-2500:]}", flush=True)
         results["cases"][name] = rec
-    (out / "gpu_validation.json").write_text(json.dumps(results))
+    (out / args.name).write_text(json.dumps(results))
     return 0 if all(c["rc"] == 0 for c in results["cases"].values()) else 1
 
 
@@ -203,6 +205,26 @@ def _padding_table(cases: dict) -> list[str]:
     return out
 
 
+def _against_table(cases: dict, other: dict) -> list[str]:
+    """Each case against the same case of another run (another backend, say): the largest relative
+    deviation of lm_loss and of the LB loss over the iterations both ran, and whether every
+    iteration's grad norm was finite in both."""
+    out = ["", f"Against the same cases with flags `{' '.join(other['common'])}`:", "",
+           "| case | max rel. dev. lm_loss | max rel. dev. LB loss | grad norms finite (this / other) |",
+           "|---|---|---|---|"]
+    for name, c in cases.items():
+        o = other["cases"].get(name)
+        if c["rc"] != 0 or not o or o["rc"] != 0:
+            out.append(f"| {name} | {'FAILED' if c['rc'] else 'no run to compare'} | | |")
+            continue
+        m, om = c["metrics"], o["metrics"]
+        fin = [all(math.isfinite(r.get("grad_norm", 0.0)) for r in x) for x in (m, om)]
+        out.append(f"| {name} | {max(_rel(a['lm_loss'], b['lm_loss']) for a, b in zip(m, om)):.2e} | "
+                   f"{max(_rel(a['load_balancing_loss'], b['load_balancing_loss']) for a, b in zip(m, om)):.2e} | "
+                   f"{fin[0]} / {fin[1]} |")
+    return out
+
+
 def report(args) -> int:
     res = json.loads(Path(args.results).read_text())
     cases = res["cases"]
@@ -240,6 +262,8 @@ def report(args) -> int:
             lines.append(f"| {name} | {r0['padding_tokens'] / max(r0['tokens'] + r0['padding_tokens'], 1):.1%} | "
                          f"{r0['load_balancing_loss']:.5f} |")
     lines += _padding_table(cases)
+    if args.against:
+        lines += _against_table(cases, json.loads(Path(args.against).read_text()))
     text = "\n".join(lines) + "\n"
     print(text)
     if args.doc:
@@ -258,10 +282,16 @@ def main(argv=None) -> int:
     r.add_argument("--cases", default=None, help="comma-separated subset of: " + ",".join(CASES))
     r.add_argument("--fp32", action="store_true", help="CPU smoke test of this script: no bf16, no dist. optimizer")
     r.add_argument("--fake-gpus", type=int, default=1, help="with --fp32: processes to allow per case")
+    r.add_argument("--transformer-impl", default=None, choices=("local", "transformer_engine"),
+                   help="passed to every case (default: the trainer's auto)")
+    r.add_argument("--name", default="gpu_validation.json", help="result file name under --out")
     q = sub.add_parser("report")
     q.add_argument("results")
     q.add_argument("--doc", default=None, help="write the markdown tables here")
     q.add_argument("--svg", default=None, help="write the loss-curve plot here")
+    q.add_argument("--against", default=None,
+                   help="another run's results (e.g. --transformer-impl local): each case is also compared "
+                        "with the same case there, iteration by iteration")
     a = p.parse_args(argv)
     return run(a) if a.cmd == "run" else report(a)
 
