@@ -134,6 +134,7 @@ def run(args) -> int:
             rec["error"] = (r.stdout + r.stderr)[-4000:]
             print(f"[{name}] FAILED rc={r.returncode}\n{rec['error'][-2500:]}", flush=True)
         results["cases"][name] = rec
+        (out / args.name).write_text(json.dumps(results))  # after every case: a killed run keeps the finished ones
     (out / args.name).write_text(json.dumps(results))
     return 0 if all(c["rc"] == 0 for c in results["cases"].values()) else 1
 
