@@ -86,7 +86,9 @@ import torch  # noqa: E402
 from multimodal_dev.models.qwen35_vl.flops import model_flops_per_step, sample_lengths  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM spec sheet, bf16 dense (no sparsity)
-ALL_CONFIGS = ("ours-bshd", "ours-thd", "hf-bshd", "hf-packed")
+ALL_CONFIGS = ("ours-bshd", "ours-thd", "ours-te-bshd", "ours-te-thd", "hf-bshd", "hf-packed")
+# ours-te-*: our trainer with --transformer-impl transformer_engine (appended to --megatron-args), a
+# second model built after the ours-* one, so one run compares the local backend, TE and HF
 
 
 # ------------------------------------------------------------------------------------------------
@@ -389,7 +391,7 @@ def profile(name: str, step, batches, out_dir: str, after_step=None) -> str:
 
 # ------------------------------------------------------------------------------------------------
 # ours
-def megatron_args(args, layout: str):
+def megatron_args(args, layout: str, extra: tuple = ()):
     from multimodal_dev.arguments import parse_args
 
     argv = ["--variant", args.variant, "--micro-batch-size", str(args.samples_per_step),
@@ -399,7 +401,7 @@ def megatron_args(args, layout: str):
         argv.append("--bf16")
     if layout == "thd":
         argv.append("--use-packed-sequence")
-    argv += shlex.split(args.megatron_args)
+    argv += shlex.split(args.megatron_args) + list(extra)
     return parse_args(argv, world_size=1)
 
 
@@ -431,7 +433,10 @@ def build_ours(args, layout: str, row_multiple: int = 1):
     return margs, [_to_device(b, dev) for b in batches], training.build_model_and_optimizer(margs)
 
 
-def run_ours(args, margs, batches: dict[str, list[dict]], flops, tokens, pads, peak, wanted) -> list[dict]:
+def run_ours(args, margs, batches: dict[str, list[dict]], flops, tokens, pads, peak, wanted,
+             prefix: str = "ours") -> list[dict]:
+    """Build our model from ``margs`` and time the configs ``{prefix}-bshd`` / ``{prefix}-thd`` of
+    ``wanted`` on it."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from multimodal_dev import metrics, training
@@ -462,7 +467,7 @@ def run_ours(args, margs, batches: dict[str, list[dict]], flops, tokens, pads, p
     # the two layouts compute the same thing: one forward-only pass on the first batch of each
     check = {"bshd": None, "thd": None}
     check_failed = False
-    if {"ours-bshd", "ours-thd"} <= set(wanted):  # it compares the two (and BSHD needs the most memory)
+    if {f"{prefix}-bshd", f"{prefix}-thd"} <= set(wanted):  # it compares the two (BSHD needs the most memory)
         try:
             for layout in ("bshd", "thd"):
                 with torch.no_grad():  # forward only (and no CUDA graph capture for it)
@@ -478,7 +483,7 @@ def run_ours(args, margs, batches: dict[str, list[dict]], flops, tokens, pads, p
         _free_memory()
     results = []
     for layout in ("bshd", "thd"):
-        name = f"ours-{layout}"
+        name = f"{prefix}-{layout}"
         if name not in wanted:
             continue
 
@@ -504,7 +509,7 @@ def run_ours(args, margs, batches: dict[str, list[dict]], flops, tokens, pads, p
             st = graphs.stats
             results[-1]["layer_graphs"] = dict(captures=st["captures"], capture_s=round(st["capture_s"], 2),
                                                replays=st["replays"], eager=dict(st["eager"]))
-            print(f"ours-thd cuda graphs: {st['captures']} captured in {st['capture_s']:.1f} s, {st['replays']} "
+            print(f"{name} cuda graphs: {st['captures']} captured in {st['capture_s']:.1f} s, {st['replays']} "
                   f"replays, eager calls {dict(st['eager'])}", flush=True)
     # free everything before the next model (config holds bound methods of ddp and optimizer)
     config.no_sync_func = config.finalize_model_grads_func = config.grad_scale_func = None
@@ -659,12 +664,12 @@ def _fmt(v, spec, na="n/a"):
 
 
 def print_table(results: list[dict], peak: Optional[float]) -> None:
-    hdr = (f"{'config':<10} {'status':<8} {'step ms':>9} {'real tok/s':>12} {'TFLOP/s':>9} "
+    hdr = (f"{'config':<13} {'status':<8} {'step ms':>9} {'real tok/s':>12} {'TFLOP/s':>9} "
            f"{'MFU':>7} {'peak GiB':>9} {'pad':>6} {'loss':>8}  attention")
     print("\n" + hdr + "\n" + "-" * len(hdr))
     for r in results:
         ok = r["status"] == "ok"
-        print(f"{r['config']:<10} {r['status'][:8]:<8} {_fmt(r.get('step_ms_median') if ok else None, '9.1f'):>9} "
+        print(f"{r['config']:<13} {r['status'][:8]:<8} {_fmt(r.get('step_ms_median') if ok else None, '9.1f'):>9} "
               f"{_fmt(r.get('tokens_per_s') if ok else None, '12,.0f'):>12} "
               f"{_fmt(r.get('tflops_per_s') if ok else None, '9.2f' if (r.get('tflops_per_s') or 0) >= 1 else '9.4f'):>9} "
               f"{_fmt(r.get('mfu') if ok else None, '7.1%'):>7} {_fmt(r.get('peak_mem_gib'), '9.2f'):>9} "
@@ -769,13 +774,21 @@ def main(argv=None) -> int:
     # ---- measure ------------------------------------------------------------------------------
     results: list[dict] = []
     hf_info: dict = {}
-    if any(c.startswith("ours-") for c in wanted):
+    te_margs = None
+    if any(c.startswith("ours-te-") for c in wanted):
+        te_margs = megatron_args(args, "bshd", ("--transformer-impl", "transformer_engine"))
+        te_margs = dataclasses.replace(te_margs, model=dataclasses.replace(te_margs.model, cuda_graph_layers=args.cuda_graph_layers),
+                                       data=dataclasses.replace(te_margs.data, row_multiple=args.thd_row_multiple))
+    for prefix, m in (("ours", margs), ("ours-te", te_margs)):
+        mine = [c for c in wanted if c in (f"{prefix}-bshd", f"{prefix}-thd")]
+        if not mine:
+            continue
         try:
-            results += run_ours(args, margs, batches, flops, tokens, pads, peak, wanted)
+            results += run_ours(args, m, batches, flops, tokens, pads, peak, mine, prefix=prefix)
         except Exception as e:  # noqa: BLE001
-            print(f"ours: FAILED to build or run: {type(e).__name__}: {e}", flush=True)
+            print(f"{prefix}: FAILED to build or run: {type(e).__name__}: {e}", flush=True)
             traceback.print_exc()
-            results += [dict(config=c, status=f"error: {type(e).__name__}: {e}") for c in wanted if c.startswith("ours-")]
+            results += [dict(config=c, status=f"error: {type(e).__name__}: {e}") for c in mine]
             _free_memory()
     if any(c.startswith("hf-") for c in wanted):
         try:
@@ -810,6 +823,10 @@ def main(argv=None) -> int:
     if "ours-bshd" in o and "ours-thd" in o:
         summary["ours_thd_over_bshd"] = o["ours-thd"]["tokens_per_s"] / o["ours-bshd"]["tokens_per_s"]
         print(f"ours THD / BSHD: {summary['ours_thd_over_bshd']:.2f}x real tokens/s")
+    for layout in ("bshd", "thd"):
+        if f"ours-te-{layout}" in o and f"ours-{layout}" in o:
+            summary[f"te_over_local_{layout}"] = o[f"ours-te-{layout}"]["tokens_per_s"] / o[f"ours-{layout}"]["tokens_per_s"]
+            print(f"ours {layout.upper()}: TE / local {summary[f'te_over_local_{layout}']:.2f}x real tokens/s")
     print(f"MFU = useful model TFLOP/s / {_fmt(peak, 'g')} ({peak_src}); FLOP counting: multimodal_dev/models/qwen35_vl/flops.py")
     if args.json:
         out = dict(env=env, args={k: v for k, v in vars(args).items()}, data=data,
