@@ -7,16 +7,19 @@ q | k | v | z | beta | alpha, the depthwise ``conv1d``, ``dt_bias``, ``A_log``, 
 (``sharded_state_dict``), and the context-parallel all-to-alls. ``KernelGatedDeltaNet`` keeps all
 of that and changes three things, chosen in the layer spec (``models/spec.py``):
 
-1. The kernels -- causal conv1d, l2norm and the chunked gated delta rule -- come from ``kernels``:
-   ``"fla"`` (flash-linear-attention, GPU) or ``"torch"`` (``mcore_ext.gdn_kernels``: pure
-   PyTorch, any device, packed rows included), ``"auto"`` = fla when it imports and a GPU is
+1. The kernels -- causal conv1d, the chunked gated delta rule and the gated RMS norm -- come from
+   ``kernels``: ``"fla"`` (flash-linear-attention, GPU) or ``"torch"`` (``mcore_ext.gdn_kernels``:
+   pure PyTorch, any device, packed rows included), ``"auto"`` = fla when it imports and a GPU is
    present. megatron's own forward calls fla's functions by module name and its torch fallback
-   (deterministic mode) refuses packed input, so the forward here is ours, step for step the same
-   as megatron's: in_proj -> CP all-to-all (context to head parallel) -> conv1d + SiLU -> l2norm of
-   q, k -> g = -exp(A_log) softplus(alpha + dt_bias), beta = sigmoid(beta) -> gated delta rule
-   (state reset at every packed sample, ``cu_seqlens_padded``) -> out_norm(o) * silu(z) -> CP
-   all-to-all back -> out_proj. The elementwise steps are plain PyTorch (megatron wraps them in
-   ``torch.compile``, which on CPU would compile per packed-row length).
+   (deterministic mode) refuses packed input, so the forward here is ours, the same computation as
+   megatron's: in_proj -> CP all-to-all (context to head parallel) -> conv1d + SiLU -> gated delta
+   rule (state reset at every packed sample, ``cu_seqlens_padded``) -> out_norm(o) * silu(z) -> CP
+   all-to-all back -> out_proj. What megatron does as separate PyTorch ops runs inside fla's
+   kernels, as their options allow: the l2norm of q and k, g = -exp(A_log) softplus(alpha + dt_bias),
+   sigmoid(beta), and q/k at the key heads (grouped value heads, no ``repeat_interleave`` copy);
+   the output norm is ``GatedRMSNorm`` (the spec's choice for RMSNorm models): norm, weight and
+   gate as one kernel. The packed boundaries come from the host
+   (``packed_seq.padded_boundaries``: the collate's copy), not read back from the GPU per layer.
 2. ``out_norm`` has a plain gamma (``w * norm(x)``, HF's ``RMSNormGated``, weight initialised to 1)
    even where the model's other norms are zero-centred (``(1 + w) * norm(x)``): the weight then
    converts from HF as it is.
@@ -53,19 +56,23 @@ from megatron.core.ssm.gated_delta_net.common import (
 )
 from megatron.core.transformer.spec_utils import build_module
 
-__all__ = ["KernelGatedDeltaNet", "GDNKernels", "resolve_gdn_kernels", "fla_usable"]
+from megatron.mcore_ext.packed_seq import padded_boundaries
+
+__all__ = ["KernelGatedDeltaNet", "GatedRMSNorm", "GDNKernels", "resolve_gdn_kernels", "fla_usable"]
 
 log = logging.getLogger(__name__)
+
+_FLA_CHUNK = 64  # fla's default chunk for the gated delta rule and its causal conv1d (both called with it)
 
 
 @dataclasses.dataclass(frozen=True)
 class GDNKernels:
-    """The three kernels, with fla's signatures (``mcore_ext.gdn_kernels`` documents them)."""
+    """The kernels, with fla's signatures (``mcore_ext.gdn_kernels`` documents them)."""
 
     name: str
     causal_conv1d: Callable
-    l2norm: Callable
     chunk_gated_delta_rule: Callable
+    rms_norm_gated: Callable
 
 
 def fla_usable() -> Optional[str]:
@@ -74,7 +81,7 @@ def fla_usable() -> Optional[str]:
         return "no GPU (fla's kernels are Triton)"
     try:
         from fla.modules.convolution import causal_conv1d  # noqa: F401
-        from fla.modules.l2norm import l2norm  # noqa: F401
+        from fla.modules.fused_norm_gate import rms_norm_gated  # noqa: F401
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # noqa: F401
     except Exception as e:  # not installed
         return f"flash-linear-attention is not importable ({type(e).__name__}: {e})"
@@ -98,13 +105,17 @@ def resolve_gdn_kernels(kernels: str) -> GDNKernels:
         raise ValueError(f"--gdn-kernels fla: {why_not}")
     if why_not is None:
         from fla.modules.convolution import causal_conv1d
-        from fla.modules.l2norm import l2norm
+        from fla.modules.fused_norm_gate import rms_norm_gated
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-        return GDNKernels("fla", causal_conv1d, lambda x: l2norm(x), chunk_gated_delta_rule)
+        def fla_rms_norm_gated(x, gate, weight, eps=1e-6, activation="silu"):
+            return rms_norm_gated(x, gate, weight, None, activation=activation, eps=eps)
+
+        return GDNKernels("fla", causal_conv1d, chunk_gated_delta_rule, fla_rms_norm_gated)
     from megatron.mcore_ext import gdn_kernels
 
-    return GDNKernels("torch", gdn_kernels.causal_conv1d, gdn_kernels.l2norm, gdn_kernels.chunk_gated_delta_rule)
+    return GDNKernels("torch", gdn_kernels.causal_conv1d, gdn_kernels.chunk_gated_delta_rule,
+                      gdn_kernels.rms_norm_gated)
 
 
 @contextlib.contextmanager
@@ -121,6 +132,25 @@ def _fla_check_lifted(needed: bool):
         yield
     finally:
         common.HAVE_FLA = saved
+
+
+class GatedRMSNorm(torch.nn.Module):
+    """GDN's output norm as one kernel: ``rms_norm(x) * weight * act(gate)`` per value head (HF's
+    ``RMSNormGated``; plain gamma, weight initialised to 1), x and gate ``[N, head_dim]`` ->
+    ``[N, head_dim]`` in x's dtype. The kernel is fla's fused ``rms_norm_gated`` or its torch twin,
+    chosen like the layer's (``kernels``). One ``weight`` parameter, as the norm it replaces (same
+    checkpoint key ``out_norm.weight``, replicated over TP and summed over TP under SP)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6, *, kernels: str = "auto", **unused):
+        super().__init__()
+        self.eps = eps
+        self.activation = config.activation_func.__name__
+        self.kernel = resolve_gdn_kernels(kernels).rms_norm_gated
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return self.kernel(x, gate, self.weight, eps=self.eps, activation=self.activation)
 
 
 class KernelGatedDeltaNet(GatedDeltaNet):
@@ -150,23 +180,27 @@ class KernelGatedDeltaNet(GatedDeltaNet):
         s_local, batch, _ = hidden_states.shape
         seq_len = s_local * self.sp_size * self.cp_size  # the whole row
         thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
-        cu = None
+        cu = cu_cpu = None
         if thd:
             if batch != 1:
                 raise ValueError(f"GDN: packed (THD) input needs batch 1, got {batch}")
-            cu = self._resolve_cu_seqlens(packed_seq_params.cu_seqlens_q_padded, packed_seq_params.cu_seqlens_q,
-                                          seq_len, "cu_seqlens_q", cp_size=self.cp_size)
+            cu, cu_cpu = self._boundaries(packed_seq_params, seq_len)
+        chunks = self._chunk_indices(packed_seq_params, cu, cu_cpu) if thd else None
         x, _ = self.in_proj(hidden_states)  # [s / CP, b, D_tp]
         x, inverse = self._context_to_heads(x, cu, seq_len)  # [T, b, D_tp / CP]
         x = x.transpose(0, 1)  # [b, T, .]
         qkv, gate, beta, alpha = torch.split(x, self.feat_dim_split, dim=-1)
-        query, key, value = self._conv(qkv, cu)
+        query, key, value = self._conv(qkv, cu, cu_cpu, chunks)
         cp = self.pg_collection.cp
         a_log = get_parameter_local_cp(self.A_log, dim=0, cp_group=cp)
         dt_bias = get_parameter_local_cp(self.dt_bias, dim=0, cp_group=cp)
-        g = -a_log.float().exp() * F.softplus(alpha.float() + dt_bias)
-        out, _ = self.gated_delta_rule(query, key, value, g=g, beta=beta.sigmoid(), initial_state=None,
-                                       output_final_state=False, use_qk_l2norm_in_kernel=False, cu_seqlens=cu)
+        # q, k stay at the key heads (the kernel maps value head h to key head h // (H / Hk)); the
+        # l2norm, the decay g = -exp(A_log) softplus(alpha + dt_bias) and sigmoid(beta) run in the kernel
+        out, _ = self.gated_delta_rule(query, key, value, g=alpha, beta=beta, initial_state=None,
+                                       output_final_state=False, use_qk_l2norm_in_kernel=self.use_qk_l2norm,
+                                       use_gate_in_kernel=True, A_log=a_log, dt_bias=dt_bias,
+                                       use_beta_sigmoid_in_kernel=True, cu_seqlens=cu, cu_seqlens_cpu=cu_cpu,
+                                       chunk_indices=chunks)
         if self.recompute_norm_out:
             self.norm_out_checkpoint = tensor_parallel.CheckpointWithoutOutput()
             y = self.norm_out_checkpoint.checkpoint(self._norm_and_back, out, gate, inverse, cu)
@@ -192,32 +226,64 @@ class KernelGatedDeltaNet(GatedDeltaNet):
         idx, inverse = _build_thd_cp_a2a_perm(cu, self.cp_size, seq_len)
         return x.index_select(0, idx), inverse
 
-    def _conv(self, qkv, cu):
-        """Causal conv1d + SiLU over each sequence, then q, k (l2-normed, repeated to the value
-        heads) and v as [b, T, heads, dim]."""
+    def _boundaries(self, psp, seq_len):
+        """The packed boundaries on the device and on the host (``packed_seq.padded_boundaries``:
+        the collate's host copy, so no device read), checked on the host as megatron's
+        ``_resolve_cu_seqlens`` checks them."""
+        cu, cu_cpu = padded_boundaries(psp)
+        if int(cu_cpu[-1]) != seq_len:
+            raise ValueError(f"GDN: the packed boundaries end at {int(cu_cpu[-1])}, the row has {seq_len} tokens "
+                             f"(cu_seqlens {cu_cpu.tolist()})")
+        lens = cu_cpu[1:] - cu_cpu[:-1]
+        if bool((lens % self.cp_size != 0).any()):
+            raise ValueError(f"GDN: every packed sample's length must be divisible by CP={self.cp_size}, "
+                             f"got {lens.tolist()}")
+        return cu, cu_cpu
+
+    def _chunk_indices(self, psp, cu, cu_cpu):
+        """fla's varlen chunk map ``[chunks, 2]`` (sample, chunk within it; 64-token chunks, what
+        its conv and rule use), built on the host and copied without a sync, once per micro-batch
+        (cached in ``psp.derived``). Without it each fla call builds the map itself, which needs a
+        stream synchronisation (a host read, or a blocking copy of ``cu_seqlens_cpu``). None for
+        the torch kernels and for a plain ``PackedSeqParams``."""
+        cache = getattr(psp, "derived", None)
+        if self.kernels.name != "fla" or cache is None:
+            return None
+        if "fla_chunk_indices" not in cache:
+            lens = (cu_cpu[1:] - cu_cpu[:-1]).tolist()
+            counts = [-(-n // _FLA_CHUNK) for n in lens]
+            seg = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(counts, dtype=torch.long))
+            intra = torch.cat([torch.arange(c) for c in counts]) if counts else seg
+            host = torch.stack([seg, intra], 1).to(cu.dtype)
+            cache["fla_chunk_indices"] = host.pin_memory().to(cu.device, non_blocking=True)
+        return cache["fla_chunk_indices"]
+
+    def _conv(self, qkv, cu, cu_cpu, chunks):
+        """Causal conv1d + SiLU over each sequence -> q, k ``[b, T, key heads, K]`` and v
+        ``[b, T, value heads, V]`` (q and k not yet l2-normed: the rule's kernel does that)."""
         cp = self.pg_collection.cp
         sections = [self.qk_dim_local_tp, self.qk_dim_local_tp, self.v_dim_local_tp]
         weight = get_parameter_local_cp(self.conv1d.weight, dim=0, cp_group=cp, split_sections=sections)
         bias = (get_parameter_local_cp(self.conv1d.bias, dim=0, cp_group=cp, split_sections=sections)
                 if self.conv_bias else None)
         qkv, _ = self.kernels.causal_conv1d(x=qkv, weight=weight.squeeze(1), bias=bias, activation=self.activation,
-                                            initial_state=None, output_final_state=False, cu_seqlens=cu)
+                                            initial_state=None, output_final_state=False, cu_seqlens=cu,
+                                            cu_seqlens_cpu=cu_cpu, chunk_indices=chunks)
         b, t = qkv.shape[:2]
-        qk, v = torch.split(qkv, [2 * self.qk_dim_local_tp // self.cp_size, self.v_dim_local_tp // self.cp_size], -1)
-        qk = qk.reshape(b, t, -1, self.key_head_dim)
-        if self.use_qk_l2norm:
-            qk = self.kernels.l2norm(qk.contiguous())
-        query, key = qk.chunk(2, dim=2)
-        rep = self.num_value_heads // self.num_key_heads
-        if rep > 1:
-            query, key = query.repeat_interleave(rep, dim=2), key.repeat_interleave(rep, dim=2)
-        return query.contiguous(), key.contiguous(), v.reshape(b, t, -1, self.value_head_dim).contiguous()
+        qk_dim = self.qk_dim_local_tp // self.cp_size
+        query, key, value = torch.split(qkv, [qk_dim, qk_dim, self.v_dim_local_tp // self.cp_size], -1)
+        return (query.reshape(b, t, -1, self.key_head_dim), key.reshape(b, t, -1, self.key_head_dim),
+                value.reshape(b, t, -1, self.value_head_dim))
 
     def _norm_and_back(self, out, gate, inverse, cu):
         """out_norm(o) * silu(z) per value head, then back to [s/CP, b, D_tp / CP x CP]."""
         b, t = out.shape[:2]
-        y = self.out_norm(out.reshape(-1, self.value_head_dim))
-        y = (y * self.act_fn(gate.reshape(-1, self.value_head_dim).float())).to(out.dtype)
+        d = self.value_head_dim
+        if isinstance(self.out_norm, GatedRMSNorm):  # norm, weight and gate in one kernel
+            y = self.out_norm(out.reshape(-1, d), gate.reshape(-1, d))
+        else:
+            y = self.out_norm(out.reshape(-1, d))
+            y = (y * self.act_fn(gate.reshape(-1, d).float())).to(out.dtype)
         y = y.reshape(b, t, -1).transpose(0, 1).contiguous()  # [T, b, .]
         if self.cp_size == 1:
             return y

@@ -34,10 +34,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["l2norm", "causal_conv1d", "chunk_gated_delta_rule"]
+__all__ = ["l2norm", "causal_conv1d", "chunk_gated_delta_rule", "rms_norm_gated"]
 
 # fla options that change the computation and that these kernels do not implement
-_UNSUPPORTED = ("state_v_first", "transpose_state_layout", "use_gate_in_kernel", "cp_context", "head_first")
+_UNSUPPORTED = ("state_v_first", "transpose_state_layout", "cp_context", "head_first")
 
 
 def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-6, output_dtype: torch.dtype | None = None):
@@ -45,6 +45,17 @@ def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-6, output_dtype: torc
     xf = x.float()
     y = xf * torch.rsqrt((xf * xf).sum(dim=dim, keepdim=True) + eps)
     return y.to(output_dtype or x.dtype)
+
+
+def rms_norm_gated(x, gate, weight, eps: float = 1e-6, activation: str = "silu"):
+    """``rms_norm(x) * weight * act(gate)`` over the last dim, in fp32, returned in x's dtype
+    (fla's ``rms_norm_gated`` with no bias; HF's ``RMSNormGated``). x, gate ``[..., D]``, weight ``[D]``."""
+    if activation not in ("silu", "swish", "sigmoid"):
+        raise ValueError(f"rms_norm_gated: activation must be 'silu', 'swish' or 'sigmoid', got {activation!r}")
+    xf, gf = x.float(), gate.float()
+    y = xf * torch.rsqrt((xf * xf).mean(-1, keepdim=True) + eps) * weight.float()
+    y = y * (torch.sigmoid(gf) if activation == "sigmoid" else F.silu(gf))
+    return y.to(x.dtype)
 
 
 def _reject(unused: dict, what: str):
@@ -123,10 +134,14 @@ def _chunked_rule(q, k, v, g, beta, state, C):
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                            use_qk_l2norm_in_kernel=False, *, cu_seqlens=None, chunk_size=64,
                            use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False,
-                           cu_seqlens_cpu=None, **unused):
+                           use_gate_in_kernel=False, A_log=None, dt_bias=None,
+                           cu_seqlens_cpu=None, chunk_indices=None, **unused):
     """Gated delta rule, fla-compatible: returns ``(o [B, T, H, V] in q's dtype, final_state)``,
     final_state fp32 ``[N, H, K, V]`` (N = B, or the number of packed samples) or None.
-    See the module docstring for shapes and semantics."""
+    See the module docstring for shapes and semantics. fla's fused pre-steps are honoured:
+    ``use_qk_l2norm_in_kernel``, ``use_beta_sigmoid_in_kernel`` (beta given as logits) and
+    ``use_gate_in_kernel`` (g given raw: ``g = -exp(A_log) * softplus(g + dt_bias)``, A_log and
+    dt_bias ``[H]``). ``chunk_indices`` (fla's precomputed varlen chunk map) is not needed here."""
     _reject(unused, "chunk_gated_delta_rule")
     B, T, Hk, K = q.shape
     H, V = v.shape[2], v.shape[3]
@@ -144,6 +159,12 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
         q, k = q.repeat_interleave(H // Hk, dim=2), k.repeat_interleave(H // Hk, dim=2)
     if use_beta_sigmoid_in_kernel:
         beta = beta.sigmoid() * (2.0 if allow_neg_eigval else 1.0)
+    if use_gate_in_kernel:
+        if A_log is None or tuple(A_log.shape) != (H,):
+            raise ValueError(f"chunk_gated_delta_rule: use_gate_in_kernel needs A_log of shape {(H,)}, got "
+                             f"{None if A_log is None else tuple(A_log.shape)}")
+        g = g + dt_bias.float() if dt_bias is not None else g
+        g = -A_log.float().exp() * F.softplus(g)
     q = q * (K ** -0.5 if scale is None else scale)
 
     if cu_seqlens is None:

@@ -219,7 +219,7 @@ def check_batch(batch: dict, truths_: list[Truth], cfg: CollateConfig, n_truncat
     # downstream is made on the presence of cu_seqlens_padded: the key set is part of the contract.
     keys = {"tokens", "labels", "loss_mask", "position_ids", "padding_mask", "pixel_values", "image_grid_thw", "stats"}
     if thd:
-        keys |= {"cu_seqlens", "cu_seqlens_padded", "max_seqlen", "sequence_ids"}
+        keys |= {"cu_seqlens", "cu_seqlens_padded", "cu_seqlens_padded_host", "max_seqlen", "sequence_ids"}
     assert set(batch) == keys
 
     # ---- shapes and dtypes ----
@@ -281,6 +281,9 @@ def check_batch(batch: dict, truths_: list[Truth], cfg: CollateConfig, n_truncat
         assert cu.tolist() == [0] + list(itertools.accumulate(lens))
         assert cu_p.tolist() == [off for _, off, _ in places] + [S]
         assert all(int(v) % cfg.divisible_by == 0 for v in cu_p)
+        # the host copy (stays off the device, read by the GDN layers instead of the tensor)
+        host = batch["cu_seqlens_padded_host"]
+        assert type(host) is tuple and all(type(v) is int for v in host) and list(host) == [off for _, off, _ in places] + [S]
         for i, (_, off, plen) in enumerate(places):  # real tokens of sample i sit at its padded start
             assert not bool(pad[0, off:off + lens[i]].any()) and bool(pad[0, off + lens[i]:off + plen].all())
         assert type(batch["max_seqlen"]) is int
@@ -659,6 +662,7 @@ def test_thd_row_multiple_adds_one_padding_segment(data, d, k):
         assert rows["cu_seqlens"].tolist() == base["cu_seqlens"].tolist()
         assert rows["cu_seqlens_padded"].tolist() == base["cu_seqlens_padded"].tolist()
         assert rows["max_seqlen"] == base["max_seqlen"]
+    assert list(rows["cu_seqlens_padded_host"]) == rows["cu_seqlens_padded"].tolist()
     assert rows["stats"] == dict(base["stats"], padding_tokens=base["stats"]["padding_tokens"] + tail)
     for key in ("pixel_values", "image_grid_thw"):
         assert (rows[key] is None and base[key] is None) or torch.equal(rows[key], base[key])

@@ -17,8 +17,9 @@ def _layer(kernels, state=None):
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
-    from megatron.mcore_ext.gdn import KernelGatedDeltaNet
-    from megatron.mcore_ext.norm import TorchNorm
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from megatron.mcore_ext.gdn import GatedRMSNorm, KernelGatedDeltaNet
     from multimodal_dev.models.qwen35_vl.configuration import Qwen35TextConfig
 
     text = Qwen35TextConfig(vocab_size=256, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -27,7 +28,8 @@ def _layer(kernels, state=None):
                             linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64,
                             linear_value_head_dim=64)
     config = text.to_transformer_config(bf16=True, params_dtype=torch.bfloat16)
-    sub = GatedDeltaNetSubmodules(in_proj=ColumnParallelLinear, out_norm=TorchNorm, out_proj=RowParallelLinear)
+    norm = ModuleSpec(module=GatedRMSNorm, params={"kernels": kernels})  # the spec's choice (models/spec.py)
+    sub = GatedDeltaNetSubmodules(in_proj=ColumnParallelLinear, out_norm=norm, out_proj=RowParallelLinear)
     layer = KernelGatedDeltaNet(config, sub, layer_number=1, kernels=kernels,
                                 pg_collection=get_default_pg_collection()).cuda()
     if state is not None:
@@ -81,3 +83,45 @@ def test_fla_matches_the_torch_kernels_forward_and_backward():
         print(layout, {k: f"{v:.2e}" for k, v in errs.items()})
         for k, v in errs.items():  # bf16 inputs and weights, fp32 accumulation on both sides
             assert v < 3e-2, (layout, k, v)
+
+
+def _no_sync_steps():
+    """The fla layer on a HostPackedSeqParams row, forward and backward, under CUDA's sync debug
+    mode set to error: any device-to-host read or stream synchronisation raises. Also: our chunk
+    map equals fla's own, and the outputs equal those with a plain PackedSeqParams (fla then builds
+    the map itself, with a sync)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from fla.ops.utils.index import prepare_chunk_indices
+
+    from megatron.mcore_ext.packed_seq import HostPackedSeqParams
+
+    layer = _layer("fla")
+    lens = [1, 63, 64, 65, 200, 7, 130]
+    host = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int64)
+    cu = host.to("cuda", torch.int32)
+    T = int(host[-1])
+    kw = dict(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu, cu_seqlens_kv_padded=cu,
+              max_seqlen_q=max(lens), max_seqlen_kv=max(lens))
+    g = torch.Generator(device="cpu").manual_seed(7)
+    x = (torch.randn((T, 1, 256), generator=g) * 0.5).to("cuda", torch.bfloat16)
+    up = torch.randn((T, 1, 256), generator=g).cuda()
+    plain = _run(layer, x, PackedSeqParams(**kw), up)
+    psp = HostPackedSeqParams(cu_seqlens_q_padded_cpu=host, **kw)
+    _run(layer, x, psp, up)  # first use: Triton compiles and autotunes (these sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        hosted = _run(layer, x, psp, up)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    same_map = torch.equal(psp.derived["fla_chunk_indices"].cpu(), prepare_chunk_indices(cu, 64).cpu())
+    diff = max([float((a - b).abs().max()) for a, b in zip(plain[:2], hosted[:2])] +
+               [float((plain[2][n] - hosted[2][n]).abs().max()) for n in plain[2]])
+    return {"same_map": same_map, "max_diff": diff}
+
+
+def test_fla_layer_on_host_boundaries_makes_no_host_sync():
+    r = run_distributed(_no_sync_steps, 1, gpu=True)[0]
+    print(r)
+    assert r["same_map"], r
+    assert r["max_diff"] == 0.0, r  # the same kernels on the same chunk map

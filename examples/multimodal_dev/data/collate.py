@@ -365,6 +365,7 @@ def pack_or_pad_batch(samples: Sequence[Mapping], config: CollateConfig) -> dict
         cu_p[1:] = np.cumsum(padded)
         batch["cu_seqlens"] = torch.from_numpy(cu)
         batch["cu_seqlens_padded"] = torch.from_numpy(cu_p)
+        batch["cu_seqlens_padded_host"] = tuple(int(x) for x in cu_p)  # stays on the host (packed_seq.py)
         batch["max_seqlen"] = int(padded.max())
         # which packed segment (sample, or the row's padding segment) each position is in
         batch["sequence_ids"] = torch.from_numpy(np.repeat(np.arange(len(prepared), dtype=np.int64), padded)).view(shape)

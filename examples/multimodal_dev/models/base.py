@@ -41,6 +41,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
 from megatron.mcore_ext.cp_split import cp_partition_index, split_batch_for_cp
+from megatron.mcore_ext.packed_seq import HostPackedSeqParams
 from megatron.mcore_ext.router import PaddingAwareTopKRouter
 from multimodal_dev.models.contract import DataSpec
 
@@ -50,11 +51,14 @@ _PER_TOKEN = ("tokens", "labels", "position_ids", "padding_mask", "sequence_ids"
 
 
 def packed_seq_params_from_batch(batch: dict) -> Optional[PackedSeqParams]:
-    """PackedSeqParams (global boundaries: attention works on global positions under CP)."""
+    """PackedSeqParams (global boundaries: attention works on global positions under CP), with the
+    collate's host copy of the padded boundaries when the batch has it (``HostPackedSeqParams``)."""
     if batch.get("cu_seqlens_padded") is None:
         return None
     cu, cu_p = batch["cu_seqlens"].int(), batch["cu_seqlens_padded"].int()
-    return PackedSeqParams(
+    host = batch.get("cu_seqlens_padded_host")
+    return HostPackedSeqParams(
+        cu_seqlens_q_padded_cpu=None if host is None else torch.tensor(host, dtype=torch.int64),
         qkv_format="thd",
         cu_seqlens_q=cu,
         cu_seqlens_kv=cu,

@@ -49,7 +49,7 @@ def _gdn_attention(config, options: BuildOptions):
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    from megatron.mcore_ext.gdn import KernelGatedDeltaNet
+    from megatron.mcore_ext.gdn import GatedRMSNorm, KernelGatedDeltaNet
 
     if options.use_te:
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
@@ -69,7 +69,8 @@ def _gdn_attention(config, options: BuildOptions):
         params={"kernels": options.gdn_kernels},
         submodules=GatedDeltaNetSubmodules(
             in_proj=in_proj,
-            out_norm=backend.layer_norm(rms_norm=rms, for_qk=False),
+            out_norm=(ModuleSpec(module=GatedRMSNorm, params={"kernels": options.gdn_kernels}) if rms
+                      else backend.layer_norm(rms_norm=rms, for_qk=False)),
             out_proj=backend.row_parallel_linear(),
         ),
     )
