@@ -191,9 +191,36 @@ def _torch_state(part: dict) -> dict:
 
 
 def _optimizer_step(parts) -> Optional[Any]:
-    steps = [_torch_state(p)["state"].get("common_step") for p in parts]
+    """The Adam step of a (chained) optimizer's state dicts: the plain megatron optimizer keeps it
+    as ``state["common_step"]`` (a tensor), the distributed one has no torch "state" there and
+    puts it in every parameter group (``param_groups[i]["step"]``, a float without apex/TE)."""
+    steps = []
+    for p in parts:
+        ts = _torch_state(p)
+        if "state" in ts:
+            steps.append(ts["state"].get("common_step"))
+        else:
+            steps += [g.get("step") for g in ts.get("param_groups", [])]
     steps = [x for x in steps if x is not None]
     return steps[0] if steps else None
+
+
+def _set_step(parts, step) -> None:
+    """Put the saved Adam step (either format's, see ``_optimizer_step``) where this run's
+    optimizer keeps it; None (saved before any step) leaves no step."""
+    for p in parts:
+        ts = _torch_state(p)
+        if "state" in ts:
+            if step is None:
+                ts["state"].pop("common_step", None)
+            else:
+                ts["state"]["common_step"] = step if torch.is_tensor(step) else torch.tensor(float(step))
+        else:
+            for g in ts.get("param_groups", []):
+                if step is None:
+                    g.pop("step", None)
+                else:
+                    g["step"] = float(step)
 
 
 def _sharded_state(model, optimizer, scheduler, iteration: int, args_dict: dict, rank_state: Any, loading: bool):
@@ -242,13 +269,7 @@ def _restore_optimizer(optimizer, structure, loaded_opt: dict) -> None:
     for i, path in enumerate(paths):
         _set_path(osd, path, loaded_opt["tensors"][str(i)])
     _unwrap_local(osd)
-    step = loaded_opt.get("step")
-    for part in _optimizer_parts(osd):
-        state = _torch_state(part)["state"]
-        if step is not None:
-            state["common_step"] = step
-        else:
-            state.pop("common_step", None)
+    _set_step(_optimizer_parts(osd), loaded_opt.get("step"))
     optimizer.load_state_dict(osd)
 
 

@@ -347,3 +347,35 @@ def test_distributed_optimizer_on_off_resumes(tmp_path, first, second):
                                 "--metrics-file", str(tmp_path / "m.jsonl")])
     assert r.returncode == 0, r.stderr[-3000:]
     _same(_metrics(tmp_path / "m.jsonl"), _metrics(tmp_path / "ref.jsonl")[3:], rel=1e-4)
+
+
+def _dist_opt_sd(step):
+    """The shape of megatron-core 0.19.2's ``DistributedOptimizer.state_dict()`` (no torch "state":
+    the Adam step sits in every parameter group, the moments in "param_state"), as the checkpoint
+    code sees it inside a chained optimizer; without apex/TE the groups carry the step as a float."""
+    return {"optimizer": {"param_groups": [{"lr": 1e-3, "step": step}, {"lr": 1e-3, "step": step}]},
+            "param_state": {}, "param_state_sharding_type": "fully_reshardable"}
+
+
+def test_the_adam_step_is_read_and_restored_in_both_optimizer_formats():
+    """Issue 18, the distributed optimizer on <-> off: found on the GPU machine, where saving or
+    loading with --use-distributed-optimizer raised KeyError 'state' (the step was looked up where
+    only the plain optimizer keeps it). Both formats, and the step carried from one to the other."""
+    import torch
+
+    from multimodal_dev.checkpointing import _optimizer_parts, _optimizer_step, _set_step
+
+    plain = {"optimizer": {"state": {"common_step": torch.tensor(3.0), 0: {}}, "param_groups": [{"lr": 1e-3}]}}
+    assert float(_optimizer_step(_optimizer_parts(plain))) == 3.0
+    chained = {0: _dist_opt_sd(3.0), 1: _dist_opt_sd(3.0)}
+    assert _optimizer_step(_optimizer_parts(chained)) == 3.0
+    # off -> on: the plain optimizer's tensor step goes into every group of the distributed one
+    for part in _optimizer_parts(chained):
+        part["optimizer"]["param_groups"][0]["step"] = None
+    _set_step(_optimizer_parts(chained), torch.tensor(5.0))
+    assert [g["step"] for p in _optimizer_parts(chained) for g in p["optimizer"]["param_groups"]] == [5.0] * 4
+    # on -> off: the distributed optimizer's float step becomes the plain one's common step
+    _set_step(_optimizer_parts(plain), 5.0)
+    assert torch.equal(plain["optimizer"]["state"]["common_step"], torch.tensor(5.0))
+    _set_step(_optimizer_parts(plain), None)  # a checkpoint saved before any step
+    assert "common_step" not in plain["optimizer"]["state"]
