@@ -82,7 +82,9 @@ class SortedAllGatherTokenDispatcher(MoEAllGatherTokenDispatcher):
         self._valid, self._inverse, self._slots = valid, inverse, k
         x = torch.where(valid, hidden_states[token], 0)
         p = torch.where(valid.squeeze(-1), local_probs.gather(1, slot_expert).reshape(-1)[order], 0)
-        self.local_probs = p  # token_combine reads its dtype
+        # token_combine reads only its dtype: kept detached, so the module holds no autograd graph
+        # (and through it no parameter's AccumulateGrad node) from one step to the next
+        self.local_probs = p.detach()
         return x, tokens_per_expert, p
 
     def combine_preprocess(self, hidden_states):
