@@ -43,7 +43,6 @@ import logging
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from megatron.core import tensor_parallel
 from megatron.core.ssm.gated_delta_net import GatedDeltaNet

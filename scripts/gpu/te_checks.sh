@@ -5,7 +5,7 @@
 #      kernel still wrong at 256), poisoned-memory training steps (TE vs local, THD and BSHD),
 #      TE's thd_get_partitioned_indices against our THD CP split, the backend choice;
 #   2. scripts/bench/train_throughput.py --variant proxy, 4 samples of up to 4,096 tokens, local and
-#      TE side by side (BSHD and THD), and TE with megatron's own experts loop
+#      TE side by side in one run (ours-* and ours-te-*, BSHD and THD), and TE with megatron's own experts loop
 #      (--no-grouped-experts --no-sync-free-dispatch) to show where the time went.
 # scripts/gpu/te_poison_probe.py TRAINER-FLAGS says where non-finite values start, for a new case.
 O=${OUT:-/tmp/out}; mkdir -p "$O"
@@ -14,10 +14,19 @@ python3 -m pytest -q -s -rs tests/unit/test_te_gpu.py tests/unit/test_qwen35_reg
   -p no:cacheprovider > "$O/te_tests.log" 2>&1
 grep -E "^[0-9]+ \{|^raw TE|^te |^local |passed|failed|SKIPPED" "$O/te_tests.log" | cut -c1-300
 B="python3 scripts/bench/train_throughput.py --variant proxy --seq-length 4096 --samples-per-step 4 --warmup 3 --steps 10 --skip-hf --no-gemm-check"
-for impl in local transformer_engine; do
-  $B --megatron-args "--transformer-impl $impl" --json "$O/bench_$impl.json" > "$O/bench_$impl.log" 2>&1
-  grep -E "^ours-|FAILED" "$O/bench_$impl.log"
-done
+$B --configs ours-bshd,ours-thd,ours-te-bshd,ours-te-thd --json "$O/bench_local_te.json" > "$O/bench_local_te.log" 2>&1
+grep -E "^ours-|TE /|FAILED" "$O/bench_local_te.log"
 $B --configs ours-bshd --megatron-args "--transformer-impl transformer_engine --no-grouped-experts --no-sync-free-dispatch" \
   > "$O/bench_te_megatron_experts.log" 2>&1
 grep -E "^ours-|FAILED" "$O/bench_te_megatron_experts.log"
+# 3. the functional layouts that fit one GPU, TE against local (30 iterations of tiny, bf16), and
+#    TE THD twice more (three runs with no non-finite gradient: the trainer raises at the first)
+for impl in local transformer_engine; do
+  python3 scripts/gpu_validation.py run --out "$O" --cases bshd,thd,bshd_no_mask,bshd_distopt --iters 30 \
+    --transformer-impl $impl --name "gv_$impl.json" 2>&1 | grep -E "^\["
+done
+python3 scripts/gpu_validation.py report "$O/gv_transformer_engine.json" --against "$O/gv_local.json" | tail -14
+for i in 2 3; do
+  python3 scripts/gpu_validation.py run --out "$O" --cases thd --iters 30 --transformer-impl transformer_engine \
+    --name "gv_te_thd_$i.json" 2>&1 | grep -E "^\["
+done
