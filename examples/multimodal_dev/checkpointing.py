@@ -207,7 +207,8 @@ def _optimizer_step(parts) -> Optional[Any]:
 
 def _set_step(parts, step) -> None:
     """Put the saved Adam step (either format's, see ``_optimizer_step``) where this run's
-    optimizer keeps it; None (saved before any step) leaves no step."""
+    optimizer keeps it; None (saved before any step) leaves the plain optimizer without a common
+    step and the distributed one's groups as they are."""
     for p in parts:
         ts = _torch_state(p)
         if "state" in ts:
@@ -215,12 +216,9 @@ def _set_step(parts, step) -> None:
                 ts["state"].pop("common_step", None)
             else:
                 ts["state"]["common_step"] = step if torch.is_tensor(step) else torch.tensor(float(step))
-        else:
-            for g in ts.get("param_groups", []):
-                if step is None:
-                    g.pop("step", None)
-                else:
-                    g["step"] = float(step)
+        elif step is not None:  # the distributed optimizer: every group, in the type it holds there
+            for g in ts.get("param_groups", []):  # (TE's FusedAdam counts in ints, torch's in floats)
+                g["step"] = int(step) if isinstance(g.get("step"), int) else float(step)
 
 
 def _sharded_state(model, optimizer, scheduler, iteration: int, args_dict: dict, rank_state: Any, loading: bool):

@@ -374,6 +374,9 @@ def test_the_adam_step_is_read_and_restored_in_both_optimizer_formats():
         part["optimizer"]["param_groups"][0]["step"] = None
     _set_step(_optimizer_parts(chained), torch.tensor(5.0))
     assert [g["step"] for p in _optimizer_parts(chained) for g in p["optimizer"]["param_groups"]] == [5.0] * 4
+    te = {0: _dist_opt_sd(3)}  # with TE's FusedAdam megatron keeps the groups' step as an int
+    _set_step(_optimizer_parts(te), torch.tensor(5.0))
+    assert [type(g["step"]) for g in te[0]["optimizer"]["param_groups"]] == [int, int]
     # on -> off: the distributed optimizer's float step becomes the plain one's common step
     _set_step(_optimizer_parts(plain), 5.0)
     assert torch.equal(plain["optimizer"]["state"]["common_step"], torch.tensor(5.0))
