@@ -23,7 +23,7 @@ from the iteration instead, with a warning), and ``MANIFEST.json`` (``checkpoint
 The optimizer is stored in a layout-free form (format 2): its state tensors under the model
 parameters' sharded keys (no ``chained_i.`` prefix, which depends on how many optimizers megatron
 chains: one with EP=1, two with EP>1) and the shared Adam step; the parameter groups come from the
-run that loads (their learning rate and weight decay are the scheduler's anyway). So TP, EP, PP, DP
+run that loads (their learning rate and weight decay are the scheduler's anyway; ``optimizer_state``). So TP, EP, PP, DP
 and CP can all change between save and load.
 
 A weights-only checkpoint (``save_checkpoint(..., optimizer=None)``: ``scripts/convert_hf.py
@@ -53,11 +53,12 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedObject
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron.mcore_ext import fallbacks
 
 from multimodal_dev import checkpoint_trust
+from multimodal_dev.optimizer_state import optimizer_parts, optimizer_step, restore_optimizer, tensor_leaves
 from multimodal_dev.checkpoint_checks import (CheckpointError, check_resolved, check_scheduler, check_settings,
                                               resolved_settings)
 
@@ -159,68 +160,6 @@ def _set_rng_state(st: dict) -> None:
     get_cuda_rng_tracker().set_states(st["tracker"])
 
 
-def _tensor_leaves(tree, path=()):
-    """(path, sharded leaf) of every ShardedBase in a nested dict/list."""
-    if isinstance(tree, ShardedBase):
-        yield path, tree
-    elif isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _tensor_leaves(v, path + (k,))
-    elif isinstance(tree, (list, tuple)):
-        for i, v in enumerate(tree):
-            yield from _tensor_leaves(v, path + (i,))
-
-
-def _set_path(tree, path, value) -> None:
-    for k in path[:-1]:
-        tree = tree[k]
-    tree[path[-1]] = value
-
-
-def _optimizer_parts(osd) -> list[dict]:
-    """The per-optimizer state dicts of a (possibly chained) optimizer's sharded state dict."""
-    if isinstance(osd, dict) and osd and all(isinstance(k, int) for k in osd):
-        return [osd[k] for k in sorted(osd)]
-    return [osd]
-
-
-def _torch_state(part: dict) -> dict:
-    """The torch optimizer state inside one megatron optimizer's sharded state dict (mixed
-    precision optimizers nest it under "optimizer", the fp32 one does not)."""
-    return part["optimizer"] if "optimizer" in part else part
-
-
-def _optimizer_step(parts) -> Optional[Any]:
-    """The Adam step of a (chained) optimizer's state dicts: the plain megatron optimizer keeps it
-    as ``state["common_step"]`` (a tensor), the distributed one has no torch "state" there and
-    puts it in every parameter group (``param_groups[i]["step"]``, a float without apex/TE)."""
-    steps = []
-    for p in parts:
-        ts = _torch_state(p)
-        if "state" in ts:
-            steps.append(ts["state"].get("common_step"))
-        else:
-            steps += [g.get("step") for g in ts.get("param_groups", [])]
-    steps = [x for x in steps if x is not None]
-    return steps[0] if steps else None
-
-
-def _set_step(parts, step) -> None:
-    """Put the saved Adam step (either format's, see ``_optimizer_step``) where this run's
-    optimizer keeps it; None (saved before any step) leaves the plain optimizer without a common
-    step and the distributed one's groups as they are."""
-    for p in parts:
-        ts = _torch_state(p)
-        if "state" in ts:
-            if step is None:
-                ts["state"].pop("common_step", None)
-            else:
-                ts["state"]["common_step"] = step if torch.is_tensor(step) else torch.tensor(float(step))
-        elif step is not None:  # the distributed optimizer: every group, in the type it holds there
-            for g in ts.get("param_groups", []):  # (TE's FusedAdam counts in ints, torch's in floats)
-                g["step"] = int(step) if isinstance(g.get("step"), int) else float(step)
-
-
 def _sharded_state(model, optimizer, scheduler, iteration: int, args_dict: dict, rank_state: Any, loading: bool):
     """The state dict that is saved (``loading=False``) or the template a load fills, plus, when
     loading, the optimizer's own structure the loaded tensors go back into."""
@@ -237,38 +176,13 @@ def _sharded_state(model, optimizer, scheduler, iteration: int, args_dict: dict,
         sd["weights_only"] = True
         return sd, None
     osd = optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=dict(_OPTIMIZER_METADATA))
-    leaves = dict(_tensor_leaves(osd))
+    leaves = dict(tensor_leaves(osd))
     sd["optimizer"] = {"tensors": {str(i): leaf for i, leaf in enumerate(leaves.values())},
-                       "step": _optimizer_step(_optimizer_parts(osd))}
+                       "step": optimizer_step(optimizer_parts(osd))}
     sd["scheduler"] = scheduler.state_dict()
     if rank_state is not None:
         sd["rank_state"] = ShardedObject("rank_state", rank_state, (world,), (rank,), replica_id=0)
     return sd, (osd, list(leaves))
-
-
-def _unwrap_local(tree):
-    """Replace megatron's ``LocalNonpersistentObject`` wrappers (values kept from this run, e.g. the
-    parameter groups' parameter lists) by what they wrap, as ``dist_checkpointing.load`` does."""
-    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
-
-    if isinstance(tree, LocalNonpersistentObject):
-        return tree.unwrap()
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            tree[k] = _unwrap_local(v)
-    elif isinstance(tree, list):
-        tree[:] = [_unwrap_local(v) for v in tree]
-    return tree
-
-
-def _restore_optimizer(optimizer, structure, loaded_opt: dict) -> None:
-    """The loaded tensors back into this run's optimizer structure, with the saved Adam step."""
-    osd, paths = structure
-    for i, path in enumerate(paths):
-        _set_path(osd, path, loaded_opt["tensors"][str(i)])
-    _unwrap_local(osd)
-    _set_step(_optimizer_parts(osd), loaded_opt.get("step"))
-    optimizer.load_state_dict(osd)
 
 
 def _in_process_results_queue() -> None:
@@ -450,7 +364,7 @@ def load_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, restore_rank_
     with _quiet_dcp():
         loaded = dist_checkpointing.load(template, path)
     model.load_state_dict(loaded["model"])
-    _restore_optimizer(optimizer, structure, loaded["optimizer"])
+    restore_optimizer(optimizer, structure, loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     data_state = None
     if "rank_state" in loaded and loaded["rank_state"]:

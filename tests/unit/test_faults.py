@@ -363,22 +363,22 @@ def test_the_adam_step_is_read_and_restored_in_both_optimizer_formats():
     only the plain optimizer keeps it). Both formats, and the step carried from one to the other."""
     import torch
 
-    from multimodal_dev.checkpointing import _optimizer_parts, _optimizer_step, _set_step
+    from multimodal_dev.optimizer_state import optimizer_parts, optimizer_step, set_step
 
     plain = {"optimizer": {"state": {"common_step": torch.tensor(3.0), 0: {}}, "param_groups": [{"lr": 1e-3}]}}
-    assert float(_optimizer_step(_optimizer_parts(plain))) == 3.0
+    assert float(optimizer_step(optimizer_parts(plain))) == 3.0
     chained = {0: _dist_opt_sd(3.0), 1: _dist_opt_sd(3.0)}
-    assert _optimizer_step(_optimizer_parts(chained)) == 3.0
+    assert optimizer_step(optimizer_parts(chained)) == 3.0
     # off -> on: the plain optimizer's tensor step goes into every group of the distributed one
-    for part in _optimizer_parts(chained):
+    for part in optimizer_parts(chained):
         part["optimizer"]["param_groups"][0]["step"] = None
-    _set_step(_optimizer_parts(chained), torch.tensor(5.0))
-    assert [g["step"] for p in _optimizer_parts(chained) for g in p["optimizer"]["param_groups"]] == [5.0] * 4
+    set_step(optimizer_parts(chained), torch.tensor(5.0))
+    assert [g["step"] for p in optimizer_parts(chained) for g in p["optimizer"]["param_groups"]] == [5.0] * 4
     te = {0: _dist_opt_sd(3)}  # with TE's FusedAdam megatron keeps the groups' step as an int
-    _set_step(_optimizer_parts(te), torch.tensor(5.0))
+    set_step(optimizer_parts(te), torch.tensor(5.0))
     assert [type(g["step"]) for g in te[0]["optimizer"]["param_groups"]] == [int, int]
     # on -> off: the distributed optimizer's float step becomes the plain one's common step
-    _set_step(_optimizer_parts(plain), 5.0)
+    set_step(optimizer_parts(plain), 5.0)
     assert torch.equal(plain["optimizer"]["state"]["common_step"], torch.tensor(5.0))
-    _set_step(_optimizer_parts(plain), None)  # a checkpoint saved before any step
+    set_step(optimizer_parts(plain), None)  # a checkpoint saved before any step
     assert "common_step" not in plain["optimizer"]["state"]

@@ -1,0 +1,106 @@
+"""The optimizer's state in a checkpoint, in the layout-free form (``checkpointing``'s format 2).
+
+megatron-core's ``optimizer.sharded_state_dict`` gives a nested dict whose tensors are sharded
+leaves under the model parameters' keys; ``tensor_leaves`` lists them (path, leaf) so a checkpoint
+stores them flat, by position, and ``restore_optimizer`` puts the loaded tensors back at the same
+paths of the loading run's own structure. The shared Adam step is kept apart
+(``optimizer_step`` / ``set_step``) because the two optimizers megatron builds keep it in
+different places: the plain (mixed-precision / fp32) one as ``state["common_step"]`` (a tensor),
+the distributed one in every parameter group (``param_groups[i]["step"]``, a float, or an int with
+TE's FusedAdam); a checkpoint of either loads into the other.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+__all__ = ["tensor_leaves", "optimizer_parts", "optimizer_step", "set_step", "restore_optimizer"]
+
+
+def tensor_leaves(tree, path=()):
+    """(path, sharded leaf) of every ShardedBase in a nested dict/list."""
+    if isinstance(tree, ShardedBase):
+        yield path, tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from tensor_leaves(v, path + (k,))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from tensor_leaves(v, path + (i,))
+
+
+def _set_path(tree, path, value) -> None:
+    for k in path[:-1]:
+        tree = tree[k]
+    tree[path[-1]] = value
+
+
+def optimizer_parts(osd) -> list[dict]:
+    """The per-optimizer state dicts of a (possibly chained) optimizer's sharded state dict."""
+    if isinstance(osd, dict) and osd and all(isinstance(k, int) for k in osd):
+        return [osd[k] for k in sorted(osd)]
+    return [osd]
+
+
+def _torch_state(part: dict) -> dict:
+    """The torch optimizer state inside one megatron optimizer's sharded state dict (mixed
+    precision optimizers nest it under "optimizer", the fp32 one does not)."""
+    return part["optimizer"] if "optimizer" in part else part
+
+
+def optimizer_step(parts) -> Optional[Any]:
+    """The Adam step of a (chained) optimizer's state dicts: the plain megatron optimizer keeps it
+    as ``state["common_step"]`` (a tensor), the distributed one has no torch "state" there and
+    puts it in every parameter group (``param_groups[i]["step"]``, a float without apex/TE)."""
+    steps = []
+    for p in parts:
+        ts = _torch_state(p)
+        if "state" in ts:
+            steps.append(ts["state"].get("common_step"))
+        else:
+            steps += [g.get("step") for g in ts.get("param_groups", [])]
+    steps = [x for x in steps if x is not None]
+    return steps[0] if steps else None
+
+
+def set_step(parts, step) -> None:
+    """Put the saved Adam step (either format's, see ``optimizer_step``) where this run's
+    optimizer keeps it; None (saved before any step) leaves the plain optimizer without a common
+    step and the distributed one's groups as they are."""
+    for p in parts:
+        ts = _torch_state(p)
+        if "state" in ts:
+            if step is None:
+                ts["state"].pop("common_step", None)
+            else:
+                ts["state"]["common_step"] = step if torch.is_tensor(step) else torch.tensor(float(step))
+        elif step is not None:  # the distributed optimizer: every group, in the type it holds there
+            for g in ts.get("param_groups", []):  # (TE's FusedAdam counts in ints, torch's in floats)
+                g["step"] = int(step) if isinstance(g.get("step"), int) else float(step)
+
+
+def _unwrap_local(tree):
+    """Replace megatron's ``LocalNonpersistentObject`` wrappers (values kept from this run, e.g. the
+    parameter groups' parameter lists) by what they wrap, as ``dist_checkpointing.load`` does."""
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
+
+    if isinstance(tree, LocalNonpersistentObject):
+        return tree.unwrap()
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            tree[k] = _unwrap_local(v)
+    elif isinstance(tree, list):
+        tree[:] = [_unwrap_local(v) for v in tree]
+    return tree
+
+
+def restore_optimizer(optimizer, structure, loaded_opt: dict) -> None:
+    """The loaded tensors back into this run's optimizer structure, with the saved Adam step."""
+    osd, paths = structure
+    for i, path in enumerate(paths):
+        _set_path(osd, path, loaded_opt["tensors"][str(i)])
+    _unwrap_local(osd)
+    set_step(optimizer_parts(osd), loaded_opt.get("step"))
+    optimizer.load_state_dict(osd)
