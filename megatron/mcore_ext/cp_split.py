@@ -112,8 +112,9 @@ def cp_partition_index(batch: Mapping, cp_size: int, cp_rank: int) -> torch.Tens
             f"cp_partition_index: the batch has none of tokens/labels/loss_mask/padding_mask/position_ids "
             f"(keys: {sorted(batch)}); the sequence length is unknown"
         )
-    if batch.get("cu_seqlens_padded") is not None:
-        return thd_partition_index(batch["cu_seqlens_padded"], cp_size, cp_rank, device=ref.device)
+    if batch.get("cu_seqlens_padded") is not None:  # the collate's host copy when there: no device read
+        cu = batch.get("cu_seqlens_padded_host")
+        return thd_partition_index(batch["cu_seqlens_padded"] if cu is None else cu, cp_size, cp_rank, device=ref.device)
     return zigzag_index(ref.shape[-1], cp_size, cp_rank, device=ref.device)
 
 

@@ -17,6 +17,8 @@ import torch
 
 from megatron.core.models.gpt.gpt_model import GPTModel
 
+from megatron.mcore_ext.packed_seq import padded_boundaries
+
 from multimodal_dev.models.base import MultimodalModel
 from multimodal_dev.models.contract import BuildOptions
 from multimodal_dev.models.qwen35_vl.configuration import Qwen35TextConfig, configs_for_variant, data_spec
@@ -104,9 +106,7 @@ class Qwen35GPTModel(GPTModel):
             cp_group = self.pg_collection.cp  # the group the attention layers' RoPE uses
             cp_size = cp_group.size() if cp_group is not None else 1
             if cp_size > 1 and not self._local_thd_angles:
-                cu = packed_seq_params.cu_seqlens_q_padded
-                if cu is None:
-                    cu = packed_seq_params.cu_seqlens_q
+                _, cu = padded_boundaries(packed_seq_params)  # on the host (the collate's copy when there)
                 rot = packed_freqs_for_cp(rot, cu, cp_size, cp_group.rank())
                 out = (out[0], rot, *out[2:])
         return out
