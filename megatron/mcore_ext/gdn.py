@@ -249,12 +249,10 @@ class KernelGatedDeltaNet(GatedDeltaNet):
         if self.kernels.name != "fla" or cache is None:
             return None
         if "fla_chunk_indices" not in cache:
-            lens = (cu_cpu[1:] - cu_cpu[:-1]).tolist()
-            counts = [-(-n // _FLA_CHUNK) for n in lens]
-            seg = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(counts, dtype=torch.long))
-            intra = torch.cat([torch.arange(c) for c in counts]) if counts else seg
-            host = torch.stack([seg, intra], 1).to(cu.dtype)
-            cache["fla_chunk_indices"] = host.pin_memory().to(cu.device, non_blocking=True)
+            from fla.ops.utils.index import prepare_chunk_indices
+
+            host = prepare_chunk_indices(cu_cpu, _FLA_CHUNK, cu_seqlens_cpu=cu_cpu)  # fla's own, on the host
+            cache["fla_chunk_indices"] = host.to(cu.dtype).pin_memory().to(cu.device, non_blocking=True)
         return cache["fla_chunk_indices"]
 
     def _conv(self, qkv, cu, cu_cpu, chunks):

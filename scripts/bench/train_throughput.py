@@ -407,6 +407,13 @@ def megatron_args(args, layout: str, extra: tuple = ()):
     return parse_args(argv, world_size=1)
 
 
+def _run_margs(args, margs):
+    """``margs`` with the bench's own model and data options: one model serves both layouts, the
+    CUDA graphs only ever take its THD calls, THD rows padded to ``--thd-row-multiple``."""
+    return dataclasses.replace(margs, model=dataclasses.replace(margs.model, cuda_graph_layers=args.cuda_graph_layers),
+                               data=dataclasses.replace(margs.data, row_multiple=args.thd_row_multiple))
+
+
 def one_microbatch(fb, ddp, margs, batch: dict, layout: str, forward_only: bool = False):
     """``batch`` (one micro-batch of the step's samples) through megatron's schedule with our
     ``forward_step``, as ``training.train`` runs it; returns the loss dicts. Every bench and
@@ -703,8 +710,7 @@ def main(argv=None) -> int:
     if args.thd_row_multiple < 1 or args.thd_row_multiple % args.seq_multiple:
         raise SystemExit(f"--thd-row-multiple {args.thd_row_multiple} must be a positive multiple of {args.seq_multiple}")
     # one model serves both layouts; the graphs only ever take its THD calls
-    margs = dataclasses.replace(margs, model=dataclasses.replace(margs.model, cuda_graph_layers=args.cuda_graph_layers),
-                                data=dataclasses.replace(margs.data, row_multiple=args.thd_row_multiple))
+    margs = _run_margs(args, margs)
     training.initialize(margs)  # process group (world size 1) + megatron parallel state, once
     dev = torch.device("cuda", torch.cuda.current_device()) if _cuda() else torch.device("cpu")
     peak, peak_src = _peak_tflops(args)
@@ -778,9 +784,7 @@ def main(argv=None) -> int:
     hf_info: dict = {}
     te_margs = None
     if any(c.startswith("ours-te-") for c in wanted):
-        te_margs = megatron_args(args, "bshd", ("--transformer-impl", "transformer_engine"))
-        te_margs = dataclasses.replace(te_margs, model=dataclasses.replace(te_margs.model, cuda_graph_layers=args.cuda_graph_layers),
-                                       data=dataclasses.replace(te_margs.data, row_multiple=args.thd_row_multiple))
+        te_margs = _run_margs(args, megatron_args(args, "bshd", ("--transformer-impl", "transformer_engine")))
     for prefix, m in (("ours", margs), ("ours-te", te_margs)):
         mine = [c for c in wanted if c in (f"{prefix}-bshd", f"{prefix}-thd")]
         if not mine:

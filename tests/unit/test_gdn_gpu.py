@@ -87,9 +87,9 @@ def test_fla_matches_the_torch_kernels_forward_and_backward():
 
 def _no_sync_steps():
     """The fla layer on a HostPackedSeqParams row, forward and backward, under CUDA's sync debug
-    mode set to error: any device-to-host read or stream synchronisation raises. Also: our chunk
-    map equals fla's own, and the outputs equal those with a plain PackedSeqParams (fla then builds
-    the map itself, with a sync)."""
+    mode set to error: any device-to-host read or stream synchronisation raises. Also: the chunk
+    map built on the host equals the one fla builds from the device boundaries, and the outputs
+    equal those with a plain PackedSeqParams (fla then builds the map itself, with a sync)."""
     from megatron.core.packed_seq_params import PackedSeqParams
     from fla.ops.utils.index import prepare_chunk_indices
 
