@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["IterationStats", "reduce_lm_loss", "moe_losses", "router_diagnostics", "count_across_replicas",
+__all__ = ["IterationStats", "reduce_lm_loss", "moe_losses", "num_moe_layers", "router_diagnostics", "count_across_replicas",
            "unigram_baseline", "MetricsWriter", "TB_SCALARS"]
 
 #: the record's scalars that also go to TensorBoard (router diagnostics go per layer)
@@ -68,7 +68,8 @@ def reduce_lm_loss(losses_reduced, key: str = "lm loss") -> tuple[float, float]:
     return float(acc[0]), float(acc[1])
 
 
-def _num_moe_layers(config) -> int:
+def num_moe_layers(config) -> int:
+    """How many of the model's decoder layers are MoE layers (``moe_layer_freq``: an interval or a 0/1 list)."""
     if not config.num_moe_experts:
         return 0
     freq = config.moe_layer_freq
@@ -86,7 +87,7 @@ def moe_losses(config, num_microbatches: int) -> dict[str, float]:
     from megatron.mcore_ext.router import LOAD_BALANCING_METRICS, Z_LOSS_METRIC
 
     out = {"load_balancing_loss": 0.0, "z_loss": 0.0}
-    if _num_moe_layers(config) == 0:  # all-dense: no router ever recorded anything
+    if num_moe_layers(config) == 0:  # all-dense: no router ever recorded anything
         return out
     lbl = LOAD_BALANCING_METRICS.get(config.moe_router_load_balancing_type)
     names = ([lbl] if lbl else []) + ([Z_LOSS_METRIC] if config.moe_z_loss_coeff else [])

@@ -72,17 +72,12 @@ def forward_step(data_iterator, model, *, teacher, alpha: float, use_padding_mas
     return output, functools.partial(loss_func, loss_mask, labels, targets, alpha)
 
 
-def _moe_layers(config) -> int:
-    if not config.num_moe_experts:
-        return 0
-    freq = config.moe_layer_freq
-    return len(range(0, config.num_layers, freq)) if isinstance(freq, int) else sum(1 for x in freq if x)
-
-
 def _lb_term(config, moe: dict) -> tuple[float, float]:
     """The load-balancing and z-loss terms as the total adds them: each coefficient times the sum
     over the MoE layers of the per-layer loss (``moe`` holds the mean over layers, ``metrics.moe_losses``)."""
-    n = _moe_layers(config)
+    from multimodal_dev.metrics import num_moe_layers
+
+    n = num_moe_layers(config)
     aux = float(config.moe_aux_loss_coeff or 0.0) * n * moe["load_balancing_loss"]
     z = float(config.moe_z_loss_coeff or 0.0) * n * moe["z_loss"]
     return aux, z
