@@ -58,7 +58,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.mcore_ext import fallbacks
 
 from multimodal_dev import checkpoint_trust
-from multimodal_dev.optimizer_state import optimizer_parts, optimizer_step, restore_optimizer, tensor_leaves
+from multimodal_dev.optimizer_state import (find_main_parameters, optimizer_parts, optimizer_step, restore_optimizer,
+                                            tensor_leaves)
 from multimodal_dev.checkpoint_checks import (CheckpointError, check_resolved, check_scheduler, check_settings,
                                               resolved_settings)
 
@@ -340,6 +341,33 @@ def load_weights(ckpt: Checkpoint, model) -> int:
     return 0
 
 
+def _main_parameters(template: dict, path: str) -> dict:
+    """The optimizer's fp32 main parameters under the key the saving optimizer used
+    (``optimizer_state.find_main_parameters``); those to take from the loaded model weights are
+    dropped from the template and returned as ``{position: path in the model state dict}``
+    (found before the load, which turns the template's leaves into tensors)."""
+    with _quiet_dcp():
+        stored = dist_checkpointing.load_tensors_metadata(path)
+    tensors = template["optimizer"]["tensors"]
+    from_model = find_main_parameters([tensors[str(i)] for i in range(len(tensors))], stored)
+    if not from_model:
+        return {}
+    where = {leaf.key: p for p, leaf in tensor_leaves(template["model"]) if hasattr(leaf, "key")}
+    for i in from_model:
+        del tensors[str(i)]
+    log.info("%s: %d fp32 main parameters taken from the model weights (saved by an fp32 optimizer, which "
+             "keeps none apart)", path, len(from_model))
+    return {i: where[key] for i, key in from_model.items()}
+
+
+def _main_parameters_from_weights(loaded: dict, from_model: dict) -> None:
+    for i, path in from_model.items():
+        value = loaded["model"]
+        for k in path:
+            value = value[k]
+        loaded["optimizer"]["tensors"][str(i)] = value.detach().clone()
+
+
 def load_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, restore_rank_state: bool = True):
     """Load ``ckpt`` (from ``open_checkpoint``) into model, optimizer and scheduler (collective).
 
@@ -361,8 +389,10 @@ def load_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, restore_rank_
     template, structure = _sharded_state(
         model, optimizer, scheduler, it, {}, {} if (same_world and restore_rank_state) else None, loading=True
     )
+    from_model = _main_parameters(template, path)
     with _quiet_dcp():
         loaded = dist_checkpointing.load(template, path)
+    _main_parameters_from_weights(loaded, from_model)
     model.load_state_dict(loaded["model"])
     restore_optimizer(optimizer, structure, loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])

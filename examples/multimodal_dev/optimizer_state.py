@@ -7,7 +7,8 @@ paths of the loading run's own structure. The shared Adam step is kept apart
 (``optimizer_step`` / ``set_step``) because the two optimizers megatron builds keep it in
 different places: the plain (mixed-precision / fp32) one as ``state["common_step"]`` (a tensor),
 the distributed one in every parameter group (``param_groups[i]["step"]``, a float, or an int with
-TE's FusedAdam); a checkpoint of either loads into the other.
+TE's FusedAdam); a checkpoint of either loads into the other. The fp32 main parameters differ
+the same way (``find_main_parameters``).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from typing import Any, Optional
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedBase
 
-__all__ = ["tensor_leaves", "optimizer_parts", "optimizer_step", "set_step", "restore_optimizer"]
+__all__ = ["tensor_leaves", "optimizer_parts", "optimizer_step", "set_step", "restore_optimizer",
+           "find_main_parameters"]
 
 
 def tensor_leaves(tree, path=()):
@@ -79,6 +81,45 @@ def set_step(parts, step) -> None:
         elif step is not None:  # the distributed optimizer: every group, in the type it holds there
             for g in ts.get("param_groups", []):  # (TE's FusedAdam counts in ints, torch's in floats)
                 g["step"] = int(step) if isinstance(g.get("step"), int) else float(step)
+
+
+#: where each optimizer stores the fp32 main parameter of model key K: the distributed one under
+#: ``optimizer.state.param.K``, the plain mixed-precision one under ``optimizer.state.fp32_param.K``;
+#: the plain fp32 one not at all (its main parameters are the model's weights, stored under K)
+_MAIN_PREFIXES = ("optimizer.state.param.", "optimizer.state.fp32_param.")
+
+
+def find_main_parameters(leaves, stored: dict) -> dict:
+    """Point the loading template's main-parameter leaves at what the checkpoint holds.
+
+    ``leaves``: the template's optimizer leaves (``ShardedTensor`` / factories, by position);
+    ``stored``: the checkpoint's tensors by key (``dist_checkpointing.load_tensors_metadata``).
+    A main parameter the checkpoint lacks under the asked key is renamed in place to the other
+    optimizer's key when that is stored; else, when the model's weight ``K`` is stored in the same
+    dtype (a plain fp32 optimizer's checkpoint: the same values), it is returned as
+    ``{position: K}`` for the caller to take from the loaded weights. Anything else raises
+    ``CheckpointError`` naming the key. Returns ``{}`` when nothing is to be taken from the weights."""
+    from multimodal_dev.checkpoint_checks import CheckpointError
+
+    from_model = {}
+    for i, leaf in enumerate(leaves):
+        key = getattr(leaf, "key", None)
+        prefix = next((p for p in _MAIN_PREFIXES if key and key.startswith(p)), None)
+        if prefix is None or key in stored:
+            continue
+        model_key = key[len(prefix):]
+        other = next(p for p in _MAIN_PREFIXES if p != prefix) + model_key
+        if other in stored:
+            leaf.key = other
+            continue
+        want, have = leaf.data.dtype, getattr(stored.get(model_key), "dtype", None)
+        if have != want:
+            raise CheckpointError(
+                f"the optimizer's main parameter {key!r} is not in the checkpoint (nor {other!r}), and the "
+                f"model weight {model_key!r} is stored as {have} where {want} is needed: the checkpoint's "
+                "optimizer cannot be restored into this one (resume with the optimizer settings that saved it)")
+        from_model[i] = model_key
+    return from_model
 
 
 def _unwrap_local(tree):

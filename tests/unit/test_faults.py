@@ -382,3 +382,46 @@ def test_the_adam_step_is_read_and_restored_in_both_optimizer_formats():
     assert torch.equal(plain["optimizer"]["state"]["common_step"], torch.tensor(5.0))
     set_step(optimizer_parts(plain), None)  # a checkpoint saved before any step
     assert "common_step" not in plain["optimizer"]["state"]
+
+
+def test_main_parameters_are_found_under_the_key_the_other_optimizer_stored_them():
+    """Issue 18, the distributed optimizer off -> on, found on the GPU machine: the distributed
+    optimizer asks for its fp32 main parameters as ``optimizer.state.param.K``; the plain
+    mixed-precision optimizer stored them as ``optimizer.state.fp32_param.K``, and the plain fp32
+    one not at all (its main parameters are the model's own weights, ``K``), so the load failed
+    listing every key of the checkpoint. The template's keys are pointed at what the checkpoint
+    holds, or the main parameter is taken from the loaded weights when they are the same values."""
+    import torch
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from multimodal_dev.checkpoint_checks import CheckpointError
+    from multimodal_dev.optimizer_state import find_main_parameters
+
+    def leaf(key, dtype=torch.float32):
+        return ShardedTensor.from_rank_offsets(key, torch.zeros(2, 3, dtype=dtype))
+
+    def stored(*pairs):
+        return {k: leaf(k, d) for k, d in pairs}
+
+    f32, bf16 = torch.float32, torch.bfloat16
+    # plain mixed precision -> distributed: fp32_param
+    t = [leaf("optimizer.state.param.w"), leaf("optimizer.state.exp_avg.w")]
+    got = find_main_parameters(t, stored(("optimizer.state.fp32_param.w", f32), ("optimizer.state.exp_avg.w", f32),
+                                         ("w", bf16)))
+    assert got == {} and [x.key for x in t] == ["optimizer.state.fp32_param.w", "optimizer.state.exp_avg.w"]
+    # plain fp32 -> distributed: from the model's own weights (same dtype: the same values)
+    t = [leaf("optimizer.state.exp_avg.w"), leaf("optimizer.state.param.w")]
+    assert find_main_parameters(t, stored(("optimizer.state.exp_avg.w", f32), ("w", f32))) == {1: "w"}
+    assert t[1].key == "optimizer.state.param.w"
+    # distributed -> plain mixed precision: param
+    t = [leaf("optimizer.state.fp32_param.w")]
+    assert find_main_parameters(t, stored(("optimizer.state.param.w", f32), ("w", bf16))) == {}
+    assert t[0].key == "optimizer.state.param.w"
+    # present as asked, or not a main parameter: untouched
+    t = [leaf("optimizer.state.param.w"), leaf("optimizer.state.exp_avg_sq.w")]
+    assert find_main_parameters(t, stored(("optimizer.state.param.w", f32), ("w", f32))) == {}
+    assert [x.key for x in t] == ["optimizer.state.param.w", "optimizer.state.exp_avg_sq.w"]
+    # only bf16 weights to take fp32 main parameters from: refused, naming the key
+    t = [leaf("optimizer.state.param.w")]
+    with pytest.raises(CheckpointError, match=r"optimizer\.state\.param\.w.*bfloat16"):
+        find_main_parameters(t, stored(("w", bf16)))
