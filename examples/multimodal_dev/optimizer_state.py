@@ -143,5 +143,14 @@ def restore_optimizer(optimizer, structure, loaded_opt: dict) -> None:
     for i, path in enumerate(paths):
         _set_path(osd, path, loaded_opt["tensors"][str(i)])
     _unwrap_local(osd)
-    set_step(optimizer_parts(osd), loaded_opt.get("step"))
-    optimizer.load_state_dict(osd)
+    parts = optimizer_parts(osd)
+    set_step(parts, loaded_opt.get("step"))
+    subs = list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+    if len(subs) != len(parts):
+        optimizer.load_state_dict(osd)  # megatron's own check says what does not match
+        return
+    from megatron.mcore_ext import fallbacks
+
+    for sub, part in zip(subs, parts):  # what ChainedOptimizer.load_state_dict does, one optimizer at a time
+        if not fallbacks.load_distributed_optimizer_state(sub, part):
+            sub.load_state_dict(part)

@@ -24,13 +24,16 @@ discarding checkpoint: selective recomputation of ``layernorm`` and ``gdn_norm_o
 
 ``use_fused_adam(optimizer)`` (called by the trainer on the optimizer it built) switches
 megatron's torch AdamW to torch's fused kernel, for which megatron-core 0.19.2 has no switch.
+
+``init_empty_adam_state`` and ``load_distributed_optimizer_state``: resuming megatron's distributed
+optimizer without TE/apex, which megatron-core 0.19.2 cannot do on its own (each says why).
 """
 from __future__ import annotations
 
 import torch
 
 __all__ = ["apply", "foreach_l2_norm", "foreach_scale", "foreach_copy_this_to_that", "fast_to_local_if_dtensor",
-           "use_fused_adam"]
+           "use_fused_adam", "init_empty_adam_state", "load_distributed_optimizer_state"]
 
 _applied = False
 
@@ -186,3 +189,38 @@ def init_empty_adam_state(optimizer) -> int:
                     "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
                 n += 1
     return n
+
+
+def load_distributed_optimizer_state(opt, state_dict) -> bool:
+    """Load a megatron *distributed* optimizer's state without TE/apex, where megatron cannot.
+
+    Why: megatron-core 0.19.2's ``DistributedOptimizer.load_state_dict`` first gives every
+    parameter's torch Adam state the checkpoint's ``step`` (a tensor: torch's Adam keeps it per
+    parameter, TE's and apex's fused Adam do not), then copies the parameter state in with
+    ``_set_main_param_and_optimizer_states``, which copies every tensor of that state from the
+    loaded ones -- where ``step`` is deliberately left out -- so every load raised ``KeyError:
+    'step'`` (measured on one H200: the off -> on resume of tests/unit/test_faults.py). Here the
+    groups and the step load through megatron's own method without the parameter state, then the
+    parameter state loads through megatron's ``load_parameter_state_from_fully_reshardable`` with
+    the per-parameter steps set aside for the duration and put back after.
+
+    Returns False (nothing done) where megatron's own load works: TE or apex present, not a
+    distributed optimizer, or no parameter state in ``state_dict``.
+    """
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+
+    if HAVE_APEX_OR_TE or not isinstance(opt, DistributedOptimizer) or "param_state" not in state_dict:
+        return False
+    kind = state_dict.get("param_state_sharding_type")
+    if kind != "fully_reshardable":
+        raise ValueError(f"distributed optimizer state of sharding type {kind!r}: only 'fully_reshardable' "
+                         "(what our checkpoints store) loads without TE/apex")
+    opt.load_state_dict({k: v for k, v in state_dict.items() if k not in ("param_state", "param_state_sharding_type")})
+    state = opt.optimizer.state
+    steps = {p: s.pop("step") for p, s in state.items() if "step" in s}
+    try:
+        opt.load_parameter_state_from_fully_reshardable(state_dict["param_state"])
+    finally:
+        for p, step in steps.items():
+            state[p]["step"] = step
+    return True
