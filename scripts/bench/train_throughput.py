@@ -461,7 +461,11 @@ def run_ours(args, margs, batches: dict[str, list[dict]], flops, tokens, pads, p
     config = model.config
     attn = {"bshd": f"{impl}: SDPA causal", "thd": f"{impl}: mask-based THD"}
     if impl == "transformer_engine":
+        from megatron.mcore_ext.te_attention import TE_THD_MAX_HEAD_DIM
+
         attn = {"bshd": "TE fused attention", "thd": "TE fused attention (THD)"}
+        if config.kv_channels > TE_THD_MAX_HEAD_DIM:  # mcore_ext.te_attention routes these rows to ours
+            attn["thd"] = f"TE spec, THD head_dim {config.kv_channels}: ours (torch varlen flash)"
     elif _cuda():
         from megatron.mcore_ext.attention import varlen_available
 
