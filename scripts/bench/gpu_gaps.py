@@ -3,8 +3,10 @@
 The profiled steps have run once before (steady state: no first-use cost of kernels, cuBLAS
 heuristics or cuDNN plans for their shapes).
 
-Usage: python scripts/bench/gpu_gaps.py VARIANT LAYOUT SEQ_LENGTH SAMPLES_PER_STEP OUT_DIR [STEPS]
+Usage: python scripts/bench/gpu_gaps.py VARIANT LAYOUT SEQ_LENGTH SAMPLES_PER_STEP OUT_DIR [STEPS [BENCH-FLAGS...]]
 e.g.   python scripts/bench/gpu_gaps.py proxy thd 4096 4 runs/prof 4   (writes OUT_DIR/trace_LAYOUT.json)
+       python scripts/bench/gpu_gaps.py proxy-hybrid thd 2048 4 runs/prof 4 --min-tokens 2048 --max-tokens 2048 --image-prob 0
+BENCH-FLAGS are train_throughput.py's (the data mix, --megatron-args, ...).
 """
 import sys, os, json, collections, time
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -18,7 +20,7 @@ if len(sys.argv) < 6 or sys.argv[2] not in ("thd", "bshd"):
 variant, layout, seq, nsamp, out = sys.argv[1:6]
 steps = int(sys.argv[6]) if len(sys.argv) > 6 else 3
 args = tt.build_parser().parse_args(["--variant", variant, "--seq-length", seq, "--samples-per-step", nsamp,
-                                      "--steps", str(steps + 3), "--warmup", "0"])
+                                      "--steps", str(steps + 3), "--warmup", "0", *sys.argv[7:]])
 from multimodal_dev import metrics, training
 from megatron.core.pipeline_parallel import get_forward_backward_func
 import megatron.core.pipeline_parallel.schedules as sch
@@ -92,6 +94,15 @@ for k in gpu:
 if t1 > last_end: gaps.append((last_end, t1, None))
 wall = t1 - t0
 print(f"{steps} steps: wall {wall/1e3:.1f} ms, GPU busy {busy/1e3:.1f} ms ({100*busy/wall:.0f}%), idle {(wall-busy)/1e3:.1f} ms")
+# what the GPU is busy with: kernel time by kernel name
+# (the kernel's own duration: concurrent kernels count twice)
+by_kernel = collections.Counter(); n_kernel = collections.Counter()
+for k in gpu:
+    if k["ts"] + k["dur"] < t0 or k["ts"] > t1: continue
+    by_kernel[k["name"][:70]] += k["dur"]; n_kernel[k["name"][:70]] += 1
+print("GPU busy by kernel (ms per step, launches per step):")
+for name, d in by_kernel.most_common(30):
+    print(f"  {d/1e3/steps:8.2f} ms {n_kernel[name]/steps:7.0f}  {name}")
 def enclosing(ts, prefix):
     best = None
     for e in cpu:

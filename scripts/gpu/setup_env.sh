@@ -14,6 +14,8 @@ if compgen -G "/tmp/carry/triton/part*" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/tsite "$whl"
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+# fla's compiled kernels from an earlier lease, if carried (scripts/gpu/triton_cache.sh)
+bash scripts/gpu/triton_cache.sh unpack
 export PYTHONPATH=/tmp/tsite:/tmp/site:$PWD:$PWD/examples
 export PYTHONUNBUFFERED=1
 set +e
