@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from typing import Any, Optional, Sequence
 
@@ -61,6 +62,7 @@ class DataArgs:
     truncate: bool
     max_bad_samples: int
     row_multiple: int  # THD: rows padded up to a multiple of this (1: none)
+    sample_multiple: int = 1  # THD: each packed sample padded to a multiple of this (besides the layout's)
     chat_template: str = "auto"  # "auto" (next to --tokenizer) | "none" (built-in layout) | a template file
     answer_only_loss: bool = True  # False: --no-answer-only-loss, the loss on all text tokens
 
@@ -210,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--thd-row-multiple", type=int, default=None,
                    help="THD: pad each packed row up to a multiple of this many tokens, as a padding segment "
                         "of its own (default: 1024 with --cuda-graph-layers, else 1: no row padding)")
+    g.add_argument("--thd-sample-multiple", type=int, default=None,
+                   help="THD: pad each packed sample to a multiple of this many tokens, besides what the layout "
+                        "needs (default: 64, fla's chunk, with --cuda-graph-layers (for Gated DeltaNet layers), else 1)")
     g.add_argument("--chunked-lm-loss", action="store_true",
                    help="compute the training loss from the LM head in token chunks (megatron.mcore_ext."
                         "lm_loss) instead of from full [tokens, vocab] logits: less memory, one more LM-head "
@@ -318,10 +323,14 @@ def _data(a: argparse.Namespace, layout: Layout) -> DataArgs:
     if a.seq_length % mult:
         raise ArgumentError(f"--seq-length {a.seq_length} must be a multiple of {mult} {why}")
     row_multiple = a.thd_row_multiple if a.thd_row_multiple is not None else (1024 if a.cuda_graph_layers else 1)
-    if row_multiple < 1:
-        raise ArgumentError(f"--thd-row-multiple must be >= 1, got {row_multiple}")
-    if row_multiple > 1 and not a.use_packed_sequence:
-        raise ArgumentError("--thd-row-multiple applies to packed rows: it needs --use-packed-sequence")
+    sample_multiple = a.thd_sample_multiple if a.thd_sample_multiple is not None else (64 if a.cuda_graph_layers else 1)
+    for flag, v in (("--thd-row-multiple", row_multiple), ("--thd-sample-multiple", sample_multiple)):
+        if v < 1:
+            raise ArgumentError(f"{flag} must be >= 1, got {v}")
+        if v > 1 and not a.use_packed_sequence:
+            raise ArgumentError(f"{flag} applies to packed rows: it needs --use-packed-sequence")
+    if sample_multiple > 1:
+        mult, why = math.lcm(mult, sample_multiple), f"{why[:-1]}, and --thd-sample-multiple {sample_multiple})"
     if row_multiple > 1 and row_multiple % mult:
         raise ArgumentError(f"--thd-row-multiple {row_multiple} must be a multiple of {mult} {why}")
     from multimodal_dev.data.tokenizer import tokenizer_from_flags
@@ -333,7 +342,8 @@ def _data(a: argparse.Namespace, layout: Layout) -> DataArgs:
                     micro_batch_size=a.micro_batch_size, global_batch_size=gbs,
                     num_microbatches=gbs // (a.micro_batch_size * dp), seq_length=a.seq_length,
                     packed=a.use_packed_sequence, truncate=a.truncate, max_bad_samples=a.max_bad_samples,
-                    row_multiple=row_multiple, chat_template=a.chat_template, answer_only_loss=a.answer_only_loss)
+                    row_multiple=row_multiple, sample_multiple=sample_multiple, chat_template=a.chat_template,
+                    answer_only_loss=a.answer_only_loss)
 
 
 def _model(a: argparse.Namespace, layout: Layout) -> ModelArgs:

@@ -53,6 +53,9 @@ def _metrics(path):
         (["--thd-row-multiple", "256"], 1, "--thd-row-multiple applies to packed rows"),
         (["--use-packed-sequence", "--thd-row-multiple", "6", "--context-parallel-size", "2"], 2,
          "--thd-row-multiple 6 must be a multiple of 4"),
+        (["--thd-sample-multiple", "64"], 1, "--thd-sample-multiple applies to packed rows"),
+        (["--use-packed-sequence", "--thd-sample-multiple", "64", "--thd-row-multiple", "96"], 1,
+         "--thd-row-multiple 96 must be a multiple of 64"),
     ],
 )
 def test_bad_flag_combinations_raise_naming_the_flags(argv, world, needle):
@@ -185,15 +188,20 @@ def test_seq_aux_loss_packed_equals_padded(tmp_path):
 
 
 def test_thd_rows_padded_to_a_multiple_change_no_loss_or_routing(tmp_path):
-    """--thd-row-multiple pads every packed row with a segment of padding (for CUDA graphs): with the
-    padding mask, the losses and every expert's token count are those of the unpadded rows."""
+    """--thd-row-multiple pads every packed row with a segment of padding, --thd-sample-multiple every
+    sample at its end (both for CUDA graphs): with the padding mask, the losses and every expert's
+    token count are those of the unpadded rows; for the hybrid model too (a GDN layer's recurrence
+    runs on past a sample's real tokens into its padding, never back)."""
     out = {}
-    for name, extra in (("plain", []), ("rows", ["--thd-row-multiple", "384"])):
+    hybrid = ["--variant", "tiny-hybrid"]
+    for name, extra in (("plain", []), ("rows", ["--thd-row-multiple", "384"]), ("samples", ["--thd-sample-multiple", "64"]),
+                        ("hybrid", hybrid), ("hybrid_samples", hybrid + ["--thd-sample-multiple", "64"])):
         r = _run(COMMON + ["--train-iters", "2", "--use-packed-sequence",
                            "--metrics-file", str(tmp_path / f"{name}.jsonl"), *extra])
         assert r.returncode == 0, r.stderr[-3000:]
         out[name] = _metrics(tmp_path / f"{name}.jsonl")
-    for a, b in zip(out["plain"], out["rows"], strict=True):
+    pairs = [("plain", "rows"), ("plain", "samples"), ("hybrid", "hybrid_samples")]
+    for a, b in [ab for x, y in pairs for ab in zip(out[x], out[y], strict=True)]:
         assert b["padding_tokens"] > a["padding_tokens"]  # the rows did grow
         assert a["tokens"] == b["tokens"] and a["loss_tokens"] == b["loss_tokens"]
         for k in ("lm_loss", "load_balancing_loss", "z_loss"):

@@ -22,6 +22,7 @@ the model's ``DataSpec``) and, on the ranks that read data, its stream.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Optional
 
@@ -112,7 +113,8 @@ def open_data(data_args, data_spec, *, seed: int, seq_multiple: int, reads_data:
     if not reads_data:
         return provider, None
     collate = provider.collate_config(layout="thd" if d.packed else "bshd", target_seqlen=d.seq_length,
-                                      divisible_by=seq_multiple, truncate=d.truncate,
+                                      divisible_by=math.lcm(seq_multiple, d.sample_multiple) if d.packed else seq_multiple,
+                                      truncate=d.truncate,
                                       row_multiple=d.row_multiple if d.packed else 1)
     stream = MicroBatchStream(provider, collate, micro_batch_size=d.micro_batch_size,
                               num_microbatches=d.num_microbatches, dp_rank=dp_rank, dp_size=dp_size, state=state)
