@@ -124,7 +124,7 @@ def build_model_and_optimizer(cfg, load_hf_weights: bool = True):
         from megatron.mcore_ext.layer_graphs import LayerGraphs, check_layer_graphs_supported
 
         check_layer_graphs_supported(config)
-        graphs = LayerGraphs(model.decoder_layers())  # captured per row length, lazily
+        graphs = LayerGraphs(model.decoder_layers(), sample_multiple=cfg.data.sample_multiple)  # per row length, lazily
         log.info("cuda graphs: %d decoder layers, THD rows padded to multiples of %d tokens",
                  len(model.decoder_layers()), cfg.data.row_multiple)
     o = cfg.optimizer

@@ -57,11 +57,11 @@ from megatron.core.transformer.spec_utils import build_module
 
 from megatron.mcore_ext.packed_seq import padded_boundaries
 
-__all__ = ["KernelGatedDeltaNet", "GatedRMSNorm", "GDNKernels", "resolve_gdn_kernels", "fla_usable"]
+__all__ = ["KernelGatedDeltaNet", "GatedRMSNorm", "GDNKernels", "resolve_gdn_kernels", "fla_usable", "FLA_CHUNK"]
 
 log = logging.getLogger(__name__)
 
-_FLA_CHUNK = 64  # fla's default chunk for the gated delta rule and its causal conv1d (both called with it)
+FLA_CHUNK = 64  # fla's default chunk for the gated delta rule and its causal conv1d (both called with it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +184,7 @@ class KernelGatedDeltaNet(GatedDeltaNet):
             if batch != 1:
                 raise ValueError(f"GDN: packed (THD) input needs batch 1, got {batch}")
             cu, cu_cpu = self._boundaries(packed_seq_params, seq_len)
-        chunks = self._chunk_indices(packed_seq_params, cu, cu_cpu) if thd else None
+        chunks = self.chunk_indices(packed_seq_params, cu, cu_cpu) if thd else None
         x, _ = self.in_proj(hidden_states)  # [s / CP, b, D_tp]
         x, inverse = self._context_to_heads(x, cu, seq_len)  # [T, b, D_tp / CP]
         x = x.transpose(0, 1)  # [b, T, .]
@@ -239,19 +239,20 @@ class KernelGatedDeltaNet(GatedDeltaNet):
                              f"got {lens.tolist()}")
         return cu, cu_cpu
 
-    def _chunk_indices(self, psp, cu, cu_cpu):
+    def chunk_indices(self, psp, cu, cu_cpu):
         """fla's varlen chunk map ``[chunks, 2]`` (sample, chunk within it; 64-token chunks, what
         its conv and rule use), built on the host and copied without a sync, once per micro-batch
-        (cached in ``psp.derived``). Without it each fla call builds the map itself, which needs a
-        stream synchronisation (a host read, or a blocking copy of ``cu_seqlens_cpu``). None for
-        the torch kernels and for a plain ``PackedSeqParams``."""
+        (cached in ``psp.derived``; a map already there is used as it is, which is how
+        ``layer_graphs`` hands a graph's static copy in). Without it each fla call builds the map
+        itself, which needs a stream synchronisation (a host read, or a blocking copy of
+        ``cu_seqlens_cpu``). None for the torch kernels and for a plain ``PackedSeqParams``."""
         cache = getattr(psp, "derived", None)
         if self.kernels.name != "fla" or cache is None:
             return None
         if "fla_chunk_indices" not in cache:
             from fla.ops.utils.index import prepare_chunk_indices
 
-            host = prepare_chunk_indices(cu_cpu, _FLA_CHUNK, cu_seqlens_cpu=cu_cpu)  # fla's own, on the host
+            host = prepare_chunk_indices(cu_cpu, FLA_CHUNK, cu_seqlens_cpu=cu_cpu)  # fla's own, on the host
             cache["fla_chunk_indices"] = host.to(cu.dtype).pin_memory().to(cu.device, non_blocking=True)
         return cache["fla_chunk_indices"]
 

@@ -34,7 +34,14 @@ What a graph needs, and how it is met here:
   ``scripts/bench/layer_graphs_check.py``, ``MMDEV_GRAPH_PRIMER=0`` turns it off). The cause is
   state set up lazily in the first capture (our guess: a cuBLAS workspace), not proven;
 * the grouped experts' weights have no autograd edge (``experts._StackIntoMainGrad``): their
-  ``_ANCHOR`` is passed as a graph input so the captured backward reaches that node.
+  ``_ANCHOR`` is passed as a graph input so the captured backward reaches that node;
+* Gated DeltaNet layers (fla's kernels only): fla sizes its kernel grids by the number of samples
+  and of 64-token chunks. The samples are the padded ``max_segments`` (empty trailing segments);
+  the chunks are ``T / 64`` when every packed sample is a multiple of 64 tokens
+  (``--thd-sample-multiple 64``, the default with graphs), and the chunk map (``[T / 64, 2]``,
+  built on the host by the GDN layer's own ``chunk_indices``) is one more graph input. The host
+  boundaries a GDN layer reads at capture (its checks) are the capture row's; at replay only the
+  device inputs change. (No GPU proof of this path yet: docs/performance.md.)
 
 Scope: one GPU per model replica in the model dimensions (TP = CP = EP = PP = 1; data parallelism
 is allowed, as the gradient reduction happens outside the layers, but not yet run with graphs on
@@ -94,9 +101,6 @@ def check_layer_graphs_supported(config) -> None:
         problems.append(f"needs no dropout (hidden {config.hidden_dropout}, attention {config.attention_dropout})")
     if getattr(config, "recompute_granularity", None):
         problems.append(f"needs no activation recomputation ({config.recompute_granularity})")
-    if getattr(config, "experimental_attention_variant", None) == "gated_delta_net":
-        problems.append("cannot graph Gated DeltaNet layers (megatron-core 0.19.2 reads the packed-sample "
-                        "boundaries on the host in every GDN layer, and fla prepares its chunk indices there)")
     if getattr(config, "cuda_graph_impl", "none") not in (None, "none"):
         problems.append(f"cannot run with megatron's own CUDA graphs (cuda_graph_impl={config.cuda_graph_impl})")
     if problems:
@@ -118,6 +122,12 @@ def _expert_weights(layer) -> tuple[set, bool]:
     return ids, all_skip
 
 
+def _gdn_layers(layers) -> list:
+    from megatron.mcore_ext.gdn import KernelGatedDeltaNet
+
+    return [m for layer in layers for m in layer.modules() if isinstance(m, KernelGatedDeltaNet)]
+
+
 def _pad_cu(cu: torch.Tensor, n: int) -> torch.Tensor:
     """``cu`` (int32, [k + 1]) -> [n] by repeating its last entry: empty trailing segments."""
     cu = cu.to(torch.int32)
@@ -137,10 +147,21 @@ class LayerGraphs:
     """
 
     def __init__(self, layers, *, max_segments: int = 32, max_lengths: int = 16,
-                 warmup_calls: int = 1, num_warmup_iters: int = 1):
+                 warmup_calls: int = 1, num_warmup_iters: int = 1, sample_multiple: int = 1):
+        from megatron.mcore_ext.gdn import FLA_CHUNK
+
         self.layers = list(layers)
         if not self.layers:
             raise ValueError("LayerGraphs: no layers to graph")
+        self._gdn = _gdn_layers(self.layers)  # any: the chunk map is a graph input (module docstring)
+        if self._gdn:
+            if any(m.kernels.name != "fla" for m in self._gdn):
+                raise ValueError("--cuda-graph-layers graphs Gated DeltaNet layers with fla's kernels only; these run "
+                                 "the torch kernels (--gdn-kernels torch, or fla not usable here)")
+            if sample_multiple % FLA_CHUNK:
+                raise ValueError(f"--cuda-graph-layers with Gated DeltaNet layers needs every packed sample padded to "
+                                 f"a multiple of {FLA_CHUNK} tokens (fla's chunk; its kernel grids then depend on the "
+                                 f"row length alone): got --thd-sample-multiple {sample_multiple}")
         self.max_segments = int(max_segments)
         self.max_lengths = int(max_lengths)
         self.warmup_calls = int(warmup_calls)
@@ -190,6 +211,14 @@ class LayerGraphs:
         cu = psp.cu_seqlens_q_padded if psp.cu_seqlens_q_padded is not None else psp.cu_seqlens_q
         if cu is None or cu.numel() - 1 > self.max_segments:
             return f"more than max_segments={self.max_segments} segments"
+        if self._gdn:
+            from megatron.mcore_ext.gdn import FLA_CHUNK
+
+            host = getattr(psp, "cu_seqlens_q_padded_cpu", None)
+            if host is None:
+                return "no host boundaries for the Gated DeltaNet layers"
+            if bool(((host[1:] - host[:-1]) % FLA_CHUNK).any()):
+                return f"a packed sample not a multiple of {FLA_CHUNK} tokens (Gated DeltaNet)"
         T = hidden.shape[0]
         if T in self._graphs[i]:
             return None
@@ -216,11 +245,29 @@ class LayerGraphs:
         cu = _pad_cu(psp.cu_seqlens_q if psp.cu_seqlens_q is not None else psp.cu_seqlens_q_padded, n)
         cu_p = _pad_cu(psp.cu_seqlens_q_padded if psp.cu_seqlens_q_padded is not None else psp.cu_seqlens_q, n)
         inputs = (hidden, kw["rotary_pos_emb"], cu, cu_p, kw["padding_mask"])
+        host_p = None
+        if self._gdn:
+            host_p, chunks = self._gdn_chunks(psp, cu, cu_p, n)
+            inputs += (chunks,)
         T = hidden.shape[0]
         if T not in self._graphs[i]:
-            self._capture(T, inputs)
+            self._capture(T, inputs, host_p)
         self.stats["replays"] += 1
         return self._graphs[i][T](*inputs, *self._params[i]), None
+
+    def _gdn_chunks(self, psp, cu, cu_p, n: int):
+        """The padded host boundaries ``[n]`` and fla's chunk map of the row ``[T / 64, 2]`` (the
+        trailing empty segments add no chunk), built once per micro-batch by the GDN layer's own
+        ``chunk_indices`` and kept in ``psp.derived``."""
+        from megatron.mcore_ext.packed_seq import HostPackedSeqParams
+
+        host = psp.cu_seqlens_q_padded_cpu
+        host_p = torch.cat([host, host[-1:].expand(n - host.numel())]) if host.numel() < n else host
+        if "graph_fla_chunks" not in psp.derived:
+            padded = HostPackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_p,
+                                         cu_seqlens_kv_padded=cu_p, cu_seqlens_q_padded_cpu=host_p)
+            psp.derived["graph_fla_chunks"] = self._gdn[0].chunk_indices(padded, cu_p, host_p)
+        return host_p, psp.derived["graph_fla_chunks"]
 
     # ---------------------------------------------------------------------------------------------
     def _warm_up(self, fns, args, proxies) -> None:
@@ -248,7 +295,7 @@ class LayerGraphs:
                 _swap_back(swapped)
         torch.cuda.synchronize()
 
-    def _capture(self, T: int, inputs) -> None:
+    def _capture(self, T: int, inputs, host_p=None) -> None:
         """Capture every layer's forward and backward for rows of ``T`` tokens, in one call: the
         forwards in layer order, then the backwards in reverse, which is the order they replay in, so
         they share one memory pool safely. All lengths share that pool too: one length's graphs
@@ -276,10 +323,19 @@ class LayerGraphs:
         if MoEAuxLossAutoScaler.main_loss_backward_scale is None:  # read by the captured backward
             MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=inputs[0].device))
 
+        from megatron.mcore_ext.packed_seq import HostPackedSeqParams
+
+        gdn = bool(self._gdn)
+
         def make_fn(orig):
-            def fn(hidden_states, rotary_pos_emb, cu, cu_p, padding_mask, *unused_params):
-                psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_p,
-                                      cu_seqlens_kv_padded=cu_p, max_seqlen_q=T, max_seqlen_kv=T)
+            def fn(hidden_states, rotary_pos_emb, cu, cu_p, padding_mask, *rest):
+                kw = dict(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_p,
+                          cu_seqlens_kv_padded=cu_p, max_seqlen_q=T, max_seqlen_kv=T)
+                if gdn:  # the capture row's host boundaries (checks only) and the static chunk map
+                    psp = HostPackedSeqParams(**kw, cu_seqlens_q_padded_cpu=host_p)
+                    psp.derived["fla_chunk_indices"] = rest[0]
+                else:
+                    psp = PackedSeqParams(**kw)
                 out, _ = orig(hidden_states=hidden_states, rotary_pos_emb=rotary_pos_emb, packed_seq_params=psp,
                               padding_mask=padding_mask)
                 return out
@@ -294,7 +350,7 @@ class LayerGraphs:
         # (same data pointers: nothing is copied), and their gradients reach the real
         # AccumulateGrad nodes and DDP's hooks outside the graph.
         fns = tuple(make_fn(o) for o in self._orig)
-        shared = tuple(x.detach().clone() for x in inputs[1:])  # rotary angles, cu_seqlens, padding mask
+        shared = tuple(x.detach().clone() for x in inputs[1:])  # rotary angles, cu_seqlens, padding mask (, chunks)
 
         def surface():
             proxies = {id(p): _proxy(p) for ps in self._params for p in ps if isinstance(p, torch.nn.Parameter)}

@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--samples-per-step", type=int, default=4)
     p.add_argument("--steps", type=int, default=3, help="batches compared (each: eager, then graphed)")
     p.add_argument("--thd-row-multiple", type=int, default=1024)
+    p.add_argument("--thd-sample-multiple", type=int, default=64, help="each packed sample padded to a multiple "
+                   "(64: what Gated DeltaNet layers need to be graphed; the trainer's default with graphs)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--reverse", action="store_true", help="compare the batches in reverse order")
     p.add_argument("--warmup-iters", type=int, default=2, help="LayerGraphs' warm-up passes per layer before a capture")
@@ -40,7 +42,8 @@ def main(argv=None) -> int:
 
     from megatron.mcore_ext.layer_graphs import LayerGraphs
 
-    margs, batches, (ddp, model, optimizer, scheduler, _) = tt.build_ours(targs, "thd", a.thd_row_multiple)
+    margs, batches, (ddp, model, optimizer, scheduler, _) = tt.build_ours(targs, "thd", a.thd_row_multiple,
+                                                                              a.thd_sample_multiple)
     batches = batches[: a.steps]
     if a.reverse:
         batches = batches[::-1]
@@ -72,7 +75,8 @@ def main(argv=None) -> int:
         return float(s[0] / s[1]), list(outs), grads
 
     ok = True
-    graphs = LayerGraphs(layers, warmup_calls=0, num_warmup_iters=a.warmup_iters)
+    graphs = LayerGraphs(layers, warmup_calls=0, num_warmup_iters=a.warmup_iters,
+                         sample_multiple=a.thd_sample_multiple)
     for k, batch in enumerate(batches):
         graphs.enabled = False
         loss_e, out_e, g_e = step(batch)

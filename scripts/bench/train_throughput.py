@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thd-row-multiple", type=int, default=None,
                    help="ours-thd: pad each packed row up to a multiple of this many tokens "
                         "(default 1024 with --cuda-graph-layers, else 1)")
+    p.add_argument("--thd-sample-multiple", type=int, default=None,
+                   help="ours-thd: pad each packed sample to a multiple of this many tokens (the trainer's flag; "
+                        "default 64 with --cuda-graph-layers, else 1)")
     p.add_argument("--hf-attn", default="auto",
                    help="HF attn_implementation: auto (flash_attention_2 if importable, else sdpa), sdpa, "
                         "flash_attention_2, eager, flex_attention")
@@ -253,12 +256,13 @@ def make_samples(variant_cfg: dict, args) -> tuple[list[dict], Any, dict]:
     return samples, provider, mix
 
 
-def collate_steps(samples: list[dict], provider, args, layout: str, row_multiple: int = 1) -> tuple[list[dict], float]:
+def collate_steps(samples: list[dict], provider, args, layout: str, row_multiple: int = 1,
+                  sample_multiple: int = 1) -> tuple[list[dict], float]:
     """One collated batch per step; and the mean collate time per step (seconds)."""
     from multimodal_dev.data.collate import pack_or_pad_batch
 
-    cc = provider.collate_config(layout=layout, target_seqlen=args.seq_length, divisible_by=args.seq_multiple,
-                                 row_multiple=row_multiple)
+    cc = provider.collate_config(layout=layout, target_seqlen=args.seq_length,
+                                 divisible_by=math.lcm(args.seq_multiple, sample_multiple), row_multiple=row_multiple)
     N = args.samples_per_step
     out, t = [], 0.0
     for i in range(len(samples) // N):
@@ -411,7 +415,8 @@ def _run_margs(args, margs):
     """``margs`` with the bench's own model and data options: one model serves both layouts, the
     CUDA graphs only ever take its THD calls, THD rows padded to ``--thd-row-multiple``."""
     return dataclasses.replace(margs, model=dataclasses.replace(margs.model, cuda_graph_layers=args.cuda_graph_layers),
-                               data=dataclasses.replace(margs.data, row_multiple=args.thd_row_multiple))
+                               data=dataclasses.replace(margs.data, row_multiple=args.thd_row_multiple,
+                                                        sample_multiple=args.thd_sample_multiple))
 
 
 def one_microbatch(fb, ddp, margs, batch: dict, layout: str, forward_only: bool = False):
@@ -426,7 +431,7 @@ def one_microbatch(fb, ddp, margs, batch: dict, layout: str, forward_only: bool 
               forward_only=forward_only)
 
 
-def build_ours(args, layout: str, row_multiple: int = 1):
+def build_ours(args, layout: str, row_multiple: int = 1, sample_multiple: int = 1):
     """For the scripts that study our trainer alone (profiling, op census, graph check): the megatron
     arguments of ``args`` (initialised), the steps' batches of ``layout`` on the device, and
     ``training.build_model_and_optimizer``'s ``(ddp, model, optimizer, scheduler, layer_graphs)``."""
@@ -437,7 +442,7 @@ def build_ours(args, layout: str, row_multiple: int = 1):
     args.seq_multiple = margs.layout.seq_multiple
     training.initialize(margs)
     samples, provider, _ = make_samples(get_variant(args.variant), args)
-    batches, _ = collate_steps(samples, provider, args, layout, row_multiple)
+    batches, _ = collate_steps(samples, provider, args, layout, row_multiple, sample_multiple)
     dev = torch.device("cuda", torch.cuda.current_device()) if _cuda() else torch.device("cpu")
     return margs, [_to_device(b, dev) for b in batches], training.build_model_and_optimizer(margs)
 
@@ -711,8 +716,12 @@ def main(argv=None) -> int:
         raise SystemExit("--cuda-graph-layers needs a CUDA GPU")
     if args.thd_row_multiple is None:
         args.thd_row_multiple = 1024 if args.cuda_graph_layers else 1
-    if args.thd_row_multiple < 1 or args.thd_row_multiple % args.seq_multiple:
-        raise SystemExit(f"--thd-row-multiple {args.thd_row_multiple} must be a positive multiple of {args.seq_multiple}")
+    if args.thd_sample_multiple is None:
+        args.thd_sample_multiple = 64 if args.cuda_graph_layers else 1
+    row_unit = math.lcm(args.seq_multiple, args.thd_sample_multiple)
+    if args.thd_row_multiple < 1 or args.thd_row_multiple % row_unit:
+        raise SystemExit(f"--thd-row-multiple {args.thd_row_multiple} must be a positive multiple of {row_unit} "
+                         "(the layout's and --thd-sample-multiple's)")
     # one model serves both layouts; the graphs only ever take its THD calls
     margs = _run_margs(args, margs)
     training.initialize(margs)  # process group (world size 1) + megatron parallel state, once
@@ -749,9 +758,9 @@ def main(argv=None) -> int:
     batches_cpu, collate_s = {}, {}
     for layout in ("bshd", "thd"):
         batches_cpu[layout], collate_s[layout] = collate_steps(samples, provider, args, layout)
-    if args.thd_row_multiple > 1:  # ours-thd's rows, padded to a multiple (HF packs the plain rows)
+    if args.thd_row_multiple > 1 or args.thd_sample_multiple > 1:  # ours-thd's rows, padded (HF packs the plain rows)
         batches_cpu["thd_rows"], collate_s["thd_rows"] = collate_steps(samples, provider, args, "thd",
-                                                                       args.thd_row_multiple)
+                                                                       args.thd_row_multiple, args.thd_sample_multiple)
     data = data_summary(samples, batches_cpu["bshd"], batches_cpu["thd"], variant_cfg["image_token_id"])
     data.update(mix=mix, collate_ms_per_step={k: v * 1e3 for k, v in collate_s.items()})
     flops = [model_flops_per_step(variant_cfg["text"], variant_cfg["vision"], b)["total"] for b in batches_cpu["thd"]]
@@ -769,7 +778,8 @@ def main(argv=None) -> int:
         pads["thd_rows"] = (sum(x["stats"]["padding_tokens"] for x in b)
                             / sum(x["stats"]["padding_tokens"] + x["stats"]["tokens"] for x in b))
         data["padding_share_thd_rows"] = pads["thd_rows"]
-        print(f"ours-thd rows padded to multiples of {args.thd_row_multiple} tokens: padding share "
+        print(f"ours-thd rows padded to multiples of {args.thd_row_multiple} tokens, samples to multiples of "
+              f"{args.thd_sample_multiple}: padding share "
               f"{pads['thd_rows']:.1%}, {len({int(x['tokens'].shape[1]) for x in b})} distinct row lengths", flush=True)
     print(f"data: {data['samples']} samples ({data['tokens_min']}..{data['tokens_max']} tokens, mean "
           f"{data['tokens_mean']:.0f}); {data['samples_with_images']} with images ({data['images']} images, "

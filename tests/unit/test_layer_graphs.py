@@ -70,7 +70,66 @@ def test_graphs_need_bf16():
 
     with pytest.raises(ArgumentError, match="--cuda-graph-layers needs --bf16"):
         parse_args(["--cuda-graph-layers", "--use-packed-sequence"], world_size=1)
-    assert parse_args(["--cuda-graph-layers", "--use-packed-sequence", "--bf16"], world_size=1).data.row_multiple == 1024
+    data = parse_args(["--cuda-graph-layers", "--use-packed-sequence", "--bf16"], world_size=1).data
+    assert (data.row_multiple, data.sample_multiple) == (1024, 64)
+
+
+def _fla_usable():
+    if not torch.cuda.is_available():
+        return "no GPU"
+    from megatron.mcore_ext.gdn import fla_usable
+
+    return fla_usable()
+
+
+@pytest.mark.skipif(_fla_usable() is not None, reason=f"graphed Gated DeltaNet layers need fla's kernels: {_fla_usable()}")
+def test_graphed_hybrid_layers_train_like_eager(tmp_path):
+    """tiny-hybrid (3 Gated DeltaNet + 1 attention layer): the GDN layers are graphed too (fla's
+    chunk map a graph input, every sample a multiple of 64 tokens), and train like eager."""
+    common = COMMON + ["--bf16", "--variant", "tiny-hybrid", "--thd-sample-multiple", "64"]
+    eager = _run(common, tmp_path, "eager")
+    graphed = _run(common + ["--cuda-graph-layers"], tmp_path, "graphed")
+    g = graphed[-1]["cuda_graphs"]
+    assert g["captures"] >= 4 and g["replays"] > g["captures"], g
+    first_e, first_g = eager[0], graphed[0]
+    for k in ("lm_loss", "load_balancing_loss"):
+        assert abs(first_e[k] - first_g[k]) <= 1e-6 * abs(first_e[k]), (k, first_e[k], first_g[k])
+    assert first_e["expert_tokens"] == first_g["expert_tokens"]
+    for a, b in zip(eager, graphed):
+        assert abs(a["lm_loss"] - b["lm_loss"]) <= 2e-3 * a["lm_loss"], (a["iteration"], a["lm_loss"], b["lm_loss"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 2e-2 * a["grad_norm"], (a["iteration"], a["grad_norm"])
+
+
+def test_gated_deltanet_layers_are_graphed_with_fla_and_64_token_samples_only():
+    """What LayerGraphs refuses for GDN layers, by name: the torch kernels (their packed path
+    reads the boundaries on the host), and samples not padded to fla's 64-token chunk."""
+    from megatron.mcore_ext.testing import run_distributed
+
+    assert run_distributed(_gdn_refusals, 1)[0] == ["torch kernels", "multiple of 64"]
+
+
+def _gdn_refusals():
+    import dataclasses
+
+    from gdn_layer import build_gdn_layer
+
+    from megatron.mcore_ext.layer_graphs import LayerGraphs
+
+    gdn = build_gdn_layer("torch", device="cpu", bf16=False)
+    layer = torch.nn.ModuleDict({"self_attention": gdn})
+    got = []
+    try:
+        LayerGraphs([layer], sample_multiple=64)
+    except ValueError as e:
+        got.append("torch kernels" if "torch kernels" in str(e) else str(e))
+    gdn.kernels = dataclasses.replace(gdn.kernels, name="fla")  # past the first check, to reach the second
+    try:
+        LayerGraphs([layer], sample_multiple=32)
+    except ValueError as e:
+        got.append("multiple of 64" if "multiple of 64 tokens" in str(e) and "--thd-sample-multiple 32" in str(e)
+                   else str(e))
+    assert "forward" not in layer.__dict__  # refused before any forward was replaced
+    return got
 
 
 def test_installed_graphs_change_nothing_on_cpu():
