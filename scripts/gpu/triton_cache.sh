@@ -5,8 +5,10 @@
 #   here, from the files that came back:
 #       cat tcache.tgz.part* > /tmp/tcache.tgz && ../shared/tools/device-carry.sh tcache /tmp/tcache.tgz
 #   next lease, after carrying the parts to /tmp/carry/tcache/: scripts/gpu/setup_env.sh unpacks them.
-# A cache is only reused for the same Triton version, GPU and kernel sources (fla 0.6.0); anything
-# else compiles again, so a stale cache costs nothing but the carry.
+# fla 0.6 autotunes with Triton's cache_results on (FLA_CACHE_RESULTS, default 1), so the cache holds
+# the autotuning results too, not only the compiled kernels. A cache is only reused for the same
+# Triton version, GPU and kernel sources (fla 0.6.0); anything else compiles again, so a stale
+# cache costs nothing but the carry.
 set -euo pipefail
 dir=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
 case "${1:-}" in
