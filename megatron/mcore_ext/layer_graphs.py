@@ -41,7 +41,9 @@ What a graph needs, and how it is met here:
   (``--thd-sample-multiple 64``, the default with graphs), and the chunk map (``[T / 64, 2]``,
   built on the host by the GDN layer's own ``chunk_indices``) is one more graph input. The host
   boundaries a GDN layer reads at capture (its checks) are the capture row's; at replay only the
-  device inputs change. (No GPU proof of this path yet: docs/performance.md.)
+  device inputs change. fla's identity memo of boundary-derived tensors is off while capturing
+  (``_fla_tensor_cache_off``), as our RoPE tables' cache is. (No GPU proof of this path yet:
+  docs/performance.md.)
 
 Scope: one GPU per model replica in the model dimensions (TP = CP = EP = PP = 1; data parallelism
 is allowed, as the gradient reduction happens outside the layers, but not yet run with graphs on
@@ -55,6 +57,7 @@ new length past that runs eagerly).
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import time
@@ -361,16 +364,17 @@ class LayerGraphs:
         t0 = time.perf_counter()
         saved = _snapshot(self.layers)
         try:
-            proxies, args = surface()
-            self._warm_up(fns, args, proxies)
-            proxies, args = surface()
-            swapped = [_swap_parameters(layer, proxies) for layer in self.layers]
-            try:  # capture only: nothing runs, so no gradient buffer or statistic is touched
-                graphed = torch.cuda.make_graphed_callables(fns, args, num_warmup_iters=0, allow_unused_input=True,
-                                                            pool=self._pool)
-            finally:
-                for sw in swapped:
-                    _swap_back(sw)
+            with _fla_tensor_cache_off(bool(self._gdn)):
+                proxies, args = surface()
+                self._warm_up(fns, args, proxies)
+                proxies, args = surface()
+                swapped = [_swap_parameters(layer, proxies) for layer in self.layers]
+                try:  # capture only: nothing runs, so no gradient buffer or statistic is touched
+                    graphed = torch.cuda.make_graphed_callables(fns, args, num_warmup_iters=0,
+                                                                allow_unused_input=True, pool=self._pool)
+                finally:
+                    for sw in swapped:
+                        _swap_back(sw)
         finally:
             _restore(saved)
         for i, g in enumerate(graphed):
@@ -379,6 +383,27 @@ class LayerGraphs:
         self.stats["captures"] += len(self.layers)
         self.stats["capture_s"] += dt
         log.info("cuda graphs: %d layers captured for rows of %d tokens in %.2f s", len(self.layers), T, dt)
+
+
+@contextlib.contextmanager
+def _fla_tensor_cache_off(off: bool):
+    """fla memoises what it derives from the packed boundaries (chunk offsets, lengths:
+    ``fla.utils.tensor_cache``) by the *identity* of the boundary tensor. The warm-up and the capture
+    pass the same static boundary tensor, so the capture would find the warm-up's results, record
+    no kernel for them, and every replay would read the capture row's values. fla's own switch
+    (``FLA_DISABLE_TENSOR_CACHE``, read from ``fla.utils`` at each call) turns the memo off for the
+    warm-up and the capture, so the graphs compute them from their inputs."""
+    if not off:
+        yield
+        return
+    import fla.utils
+
+    saved = getattr(fla.utils, "FLA_DISABLE_TENSOR_CACHE", False)
+    fla.utils.FLA_DISABLE_TENSOR_CACHE = True
+    try:
+        yield
+    finally:
+        fla.utils.FLA_DISABLE_TENSOR_CACHE = saved
 
 
 def _prime(like: torch.Tensor):

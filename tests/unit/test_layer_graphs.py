@@ -186,3 +186,28 @@ def test_layout_problems_name_each_setting():
         "(data parallelism is allowed)"]
     assert [p.split(" (")[0] for p in layout_problems(**dict(ok, cuda=False, half=False))] == [
         "needs a GPU", "needs --bf16"]
+
+
+def test_fla_boundary_memo_is_off_while_capturing(monkeypatch):
+    """fla memoises boundary-derived tensors by the boundary tensor's identity; the warm-up and the
+    capture share that tensor, so the memo must be off for both (else the graphs would replay the
+    capture row's chunk offsets). fla's own module switch, set and restored; untouched without GDN."""
+    import sys
+    import types
+
+    from megatron.mcore_ext.layer_graphs import _fla_tensor_cache_off
+
+    fake = types.ModuleType("fla.utils")
+    fake.FLA_DISABLE_TENSOR_CACHE = False
+    monkeypatch.setitem(sys.modules, "fla", types.ModuleType("fla"))
+    monkeypatch.setitem(sys.modules, "fla.utils", fake)
+    sys.modules["fla"].utils = fake
+    with _fla_tensor_cache_off(True):
+        assert fake.FLA_DISABLE_TENSOR_CACHE is True
+    assert fake.FLA_DISABLE_TENSOR_CACHE is False
+    with pytest.raises(RuntimeError):
+        with _fla_tensor_cache_off(True):
+            raise RuntimeError("a failed capture")
+    assert fake.FLA_DISABLE_TENSOR_CACHE is False
+    with _fla_tensor_cache_off(False):
+        assert fake.FLA_DISABLE_TENSOR_CACHE is False
