@@ -145,12 +145,14 @@ def restore_optimizer(optimizer, structure, loaded_opt: dict) -> None:
     _unwrap_local(osd)
     parts = optimizer_parts(osd)
     set_step(parts, loaded_opt.get("step"))
-    subs = list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
-    if len(subs) != len(parts):
-        optimizer.load_state_dict(osd)  # megatron's own check says what does not match
-        return
     from megatron.mcore_ext import fallbacks
 
-    for sub, part in zip(subs, parts):  # what ChainedOptimizer.load_state_dict does, one optimizer at a time
-        if not fallbacks.load_distributed_optimizer_state(sub, part):
-            sub.load_state_dict(part)
+    subs = list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+    if len(subs) == len(parts) and any(fallbacks.needs_distributed_optimizer_fallback(s) for s in subs):
+        # what ChainedOptimizer.load_state_dict does, one optimizer at a time (the steps are equal
+        # already: set_step), with the distributed ones through the fallback
+        for sub, part in zip(subs, parts):
+            if not fallbacks.load_distributed_optimizer_state(sub, part):
+                sub.load_state_dict(part)
+        return
+    optimizer.load_state_dict(osd)

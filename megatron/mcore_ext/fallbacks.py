@@ -33,7 +33,8 @@ from __future__ import annotations
 import torch
 
 __all__ = ["apply", "foreach_l2_norm", "foreach_scale", "foreach_copy_this_to_that", "fast_to_local_if_dtensor",
-           "use_fused_adam", "init_empty_adam_state", "load_distributed_optimizer_state"]
+           "use_fused_adam", "init_empty_adam_state", "needs_distributed_optimizer_fallback",
+           "load_distributed_optimizer_state"]
 
 _applied = False
 
@@ -191,6 +192,14 @@ def init_empty_adam_state(optimizer) -> int:
     return n
 
 
+def needs_distributed_optimizer_fallback(opt) -> bool:
+    """Whether ``opt`` is megatron's distributed optimizer over torch's Adam (no TE/apex): the one
+    whose state megatron-core 0.19.2 cannot load (``load_distributed_optimizer_state``)."""
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+
+    return not HAVE_APEX_OR_TE and isinstance(opt, DistributedOptimizer)
+
+
 def load_distributed_optimizer_state(opt, state_dict) -> bool:
     """Load a megatron *distributed* optimizer's state without TE/apex, where megatron cannot.
 
@@ -207,9 +216,7 @@ def load_distributed_optimizer_state(opt, state_dict) -> bool:
     Returns False (nothing done) where megatron's own load works: TE or apex present, not a
     distributed optimizer, or no parameter state in ``state_dict``.
     """
-    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
-
-    if HAVE_APEX_OR_TE or not isinstance(opt, DistributedOptimizer) or "param_state" not in state_dict:
+    if not needs_distributed_optimizer_fallback(opt) or "param_state" not in state_dict:
         return False
     kind = state_dict.get("param_state_sharding_type")
     if kind != "fully_reshardable":

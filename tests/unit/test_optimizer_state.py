@@ -68,3 +68,9 @@ def test_the_fallback_leaves_other_optimizers_to_megatron():
     assert fallbacks.load_distributed_optimizer_state(opt, {"optimizer": {}}) is False  # no parameter state
     with pytest.raises(ValueError, match="dp_reshardable"):
         fallbacks.load_distributed_optimizer_state(opt, {"param_state": {}, "param_state_sharding_type": "dp_reshardable"})
+
+
+def test_only_the_distributed_optimizer_without_te_or_apex_needs_the_fallback():
+    opt, _ = _skeleton()
+    assert fallbacks.needs_distributed_optimizer_fallback(opt)
+    assert not fallbacks.needs_distributed_optimizer_fallback(torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))]))
