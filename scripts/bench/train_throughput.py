@@ -304,11 +304,14 @@ def measure(name: str, step: Callable[[dict], Any], batches: list[dict], args, f
         _free_memory()
         torch.cuda.reset_peak_memory_stats()
     try:
-        for i in range(args.warmup):
+        for i in range(args.warmup):  # timed too: first-use compilations (fla's Triton kernels) show here
+            t0 = time.perf_counter()
             step(batches[i])
             if after_step:
                 after_step()
-        _sync()
+            _sync()
+            rec.setdefault("warmup_s", []).append(round(time.perf_counter() - t0, 3))
+            print(f"  warm-up {i + 1}/{args.warmup}: {rec['warmup_s'][-1]:9.2f} s", flush=True)
         earlier = []
         for pass_no in range(1, args.passes + 1):
             if pass_no > 1:
