@@ -1,27 +1,37 @@
 #!/usr/bin/env bash
 # On the GPU machine, after `source scripts/gpu/setup_env.sh` (Triton 3.9 carried: fla refuses 3.6 on
-# Hopper): the Gated DeltaNet proof and benchmark (issue 16, docs/performance.md "The hybrid model");
-# logs and JSON under ${OUT:-/tmp/out}. Each step is bounded (STEP_S seconds, default 420) so that one
-# slow step (fla's first-use compilations: 4-6 minutes on a fresh machine without a carried Triton
-# cache, scripts/gpu/triton_cache.sh) does not take the rest with it. The compiled kernels are packed
-# into $OUT at the end, to carry to the next lease.
-#   1. GPU tests: fla against our torch kernels on one GDN layer, the no-sync check, and the
-#      hybrid layers graphed against eager (tests/unit/test_layer_graphs.py, tiny-hybrid);
-#   2. layer_graphs_check.py on proxy-hybrid: per-layer outputs, loss and gradients, graphed vs eager;
-#   3. the text bench of the HF anchor (4 x 2,048 tokens): ours THD eager and HF in one run, then ours
-#      THD with --cuda-graph-layers (rows padded to 1,024, samples to 64);
-#   4. where the eager hybrid step waits (gpu_gaps.py, trace kept out of $OUT).
+# Hopper): the Gated DeltaNet proof and benchmark (issue 16, docs/performance.md "The hybrid model").
+#   bash scripts/gpu/hybrid_checks.sh [STEP ...]     (default: all steps, in this order)
+#   tests    fla against our torch kernels on one GDN layer, the no-sync check, and the hybrid layers
+#            graphed against eager (tests/unit/test_layer_graphs.py, tiny-hybrid)
+#   check    layer_graphs_check.py on proxy-hybrid: per-layer outputs, loss and gradients, graphed vs eager
+#   bench    the text bench of the HF anchor (4 x 2,048 tokens): ours THD eager and HF in one run
+#   graphs   the same, ours THD with --cuda-graph-layers (rows padded to 1,024, samples to 64)
+#   profile  where the eager hybrid step waits (gpu_gaps.py; the trace stays out of $OUT)
+#   pack     the Triton cache into $OUT (scripts/gpu/triton_cache.sh), to carry to the next lease
+# One GPU-machine call runs at most 10 minutes, and a fresh machine spends 4-6 of them compiling fla's
+# kernels unless a Triton cache was carried: give each call a few steps, and end the lease with `pack`.
+# Each step is bounded by STEP_S seconds (default 420). Logs and JSON under ${OUT:-/tmp/out}.
 O=${OUT:-/tmp/out}; mkdir -p "$O"; S=${STEP_S:-420}
-q() { grep -E "^thd|^bshd|^\{|passed|failed|SKIPPED|Error|^ours|^hf|^best|ours/HF|cuda graphs|^layer|differ|max " | cut -c1-300 | tail -${1:-20}; }
-timeout "$S" python3 -m pytest -q -s -rs tests/unit/test_gdn_gpu.py tests/unit/test_layer_graphs.py \
-  -p no:cacheprovider > "$O/hybrid_tests.log" 2>&1; q < "$O/hybrid_tests.log"
-timeout "$S" python3 scripts/bench/layer_graphs_check.py --variant proxy-hybrid --seq-length 2048 --steps 3 \
-  > "$O/layer_graphs_check_hybrid.txt" 2>&1; q 12 < "$O/layer_graphs_check_hybrid.txt"
+q() { grep -E "^thd|^bshd|^\{|passed|failed|SKIPPED|Error|^ours|^hf|^best|ours/HF|cuda graphs|warm-up|^layer|differ|max " \
+  | cut -c1-300 | tail -${1:-20}; }
 TXT="--variant proxy-hybrid --seq-length 2048 --samples-per-step 4 --min-tokens 2048 --max-tokens 2048 --image-prob 0 --no-gemm-check"
-timeout "$S" python3 scripts/bench/train_throughput.py $TXT --warmup 3 --steps 15 --configs ours-thd,hf-bshd \
-  --json "$O/hybrid_text.json" > "$O/hybrid_text.log" 2>&1; q 8 < "$O/hybrid_text.log"
-timeout "$S" python3 scripts/bench/train_throughput.py $TXT --warmup 3 --steps 15 --configs ours-thd --skip-hf \
-  --cuda-graph-layers --json "$O/hybrid_text_graphs.json" > "$O/hybrid_text_graphs.log" 2>&1; q 8 < "$O/hybrid_text_graphs.log"
-timeout "$S" python3 scripts/bench/gpu_gaps.py proxy-hybrid thd 2048 4 /tmp/prof 4 --no-gemm-check \
-  --min-tokens 2048 --max-tokens 2048 --image-prob 0 > "$O/gpu_gaps_hybrid.txt" 2>&1; grep -A12 "steps: wall" "$O/gpu_gaps_hybrid.txt" | cut -c1-200
-bash scripts/gpu/triton_cache.sh pack
+for step in ${@:-tests check bench graphs profile pack}; do
+  echo "== $step"
+  case $step in
+    tests) timeout "$S" python3 -m pytest -q -s -rs tests/unit/test_gdn_gpu.py tests/unit/test_layer_graphs.py \
+             -p no:cacheprovider > "$O/hybrid_tests.log" 2>&1; q < "$O/hybrid_tests.log" ;;
+    check) timeout "$S" python3 scripts/bench/layer_graphs_check.py --variant proxy-hybrid --seq-length 2048 --steps 3 \
+             > "$O/layer_graphs_check_hybrid.txt" 2>&1; q 12 < "$O/layer_graphs_check_hybrid.txt" ;;
+    bench) timeout "$S" python3 scripts/bench/train_throughput.py $TXT --warmup 3 --steps 15 --configs ours-thd,hf-bshd \
+             --json "$O/hybrid_text.json" > "$O/hybrid_text.log" 2>&1; q 12 < "$O/hybrid_text.log" ;;
+    graphs) timeout "$S" python3 scripts/bench/train_throughput.py $TXT --warmup 3 --steps 15 --configs ours-thd --skip-hf \
+             --cuda-graph-layers --json "$O/hybrid_text_graphs.json" > "$O/hybrid_text_graphs.log" 2>&1
+           q 12 < "$O/hybrid_text_graphs.log" ;;
+    profile) timeout "$S" python3 scripts/bench/gpu_gaps.py proxy-hybrid thd 2048 4 /tmp/prof 4 --no-gemm-check \
+             --min-tokens 2048 --max-tokens 2048 --image-prob 0 > "$O/gpu_gaps_hybrid.txt" 2>&1
+           grep -A14 "steps: wall" "$O/gpu_gaps_hybrid.txt" | cut -c1-200 ;;
+    pack) bash scripts/gpu/triton_cache.sh pack ;;
+    *) echo "unknown step $step (tests check bench graphs profile pack)"; exit 2 ;;
+  esac
+done
