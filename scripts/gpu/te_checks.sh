@@ -1,32 +1,42 @@
 #!/usr/bin/env bash
 # On the GPU machine, after `source scripts/gpu/setup_env.sh; source scripts/gpu/te_setup.sh`: the
-# Transformer Engine proof and benchmark (issue 17, docs/performance.md); logs and JSON under ${OUT:-/tmp/out}.
-#   1. GPU tests with TE: the core attention against ours at head dims 64/128/256 (and TE's own
-#      kernel still wrong at 256), poisoned-memory training steps (TE vs local, THD and BSHD),
-#      TE's thd_get_partitioned_indices against our THD CP split, the backend choice;
-#   2. scripts/bench/train_throughput.py --variant proxy, 4 samples of up to 4,096 tokens, local and
-#      TE side by side in one run (ours-* and ours-te-*, BSHD and THD), and TE with megatron's own experts loop
-#      (--no-grouped-experts --no-sync-free-dispatch) to show where the time went.
+# Transformer Engine proof and benchmark (issue 17, docs/performance.md).
+#   bash scripts/gpu/te_checks.sh [STEP ...]     (default: all steps, in this order)
+#   tests    GPU tests with TE: the core attention against ours at head dims 64/128/256 (and TE's own
+#            kernel still wrong at 256), poisoned-memory training steps (TE vs local, THD and BSHD),
+#            TE's thd_get_partitioned_indices against our THD CP split, the backend choice
+#   bench    train_throughput.py --variant proxy, 4 samples of up to 4,096 tokens, local and TE side by
+#            side in one run (ours-* and ours-te-*, BSHD and THD)
+#   experts  TE with megatron's own experts loop (--no-grouped-experts --no-sync-free-dispatch): where
+#            the time went before our experts were put on the TE spec
+#   gv       the functional layouts that fit one GPU, TE against local (30 iterations of tiny, bf16)
+#   thd3     TE THD twice more (three runs with no non-finite gradient: the trainer raises at the first)
+# One GPU-machine call runs at most 10 minutes: give each call a few steps. Each step is bounded by
+# STEP_S seconds (default 400). Logs and JSON under ${OUT:-/tmp/out}.
 # scripts/gpu/te_poison_probe.py TRAINER-FLAGS says where non-finite values start, for a new case.
-O=${OUT:-/tmp/out}; mkdir -p "$O"
-python3 -m pytest -q -s -rs tests/unit/test_te_gpu.py tests/unit/test_qwen35_registry.py \
-  "tests/unit/test_cp_split.py::test_matches_transformer_engine_thd_get_partitioned_indices" \
-  -p no:cacheprovider > "$O/te_tests.log" 2>&1
-grep -E "^[0-9]+ \{|^raw TE|^te |^local |passed|failed|SKIPPED" "$O/te_tests.log" | cut -c1-300
+O=${OUT:-/tmp/out}; mkdir -p "$O"; S=${STEP_S:-400}
 B="python3 scripts/bench/train_throughput.py --variant proxy --seq-length 4096 --samples-per-step 4 --warmup 3 --steps 10 --skip-hf --no-gemm-check"
-$B --configs ours-bshd,ours-thd,ours-te-bshd,ours-te-thd --json "$O/bench_local_te.json" > "$O/bench_local_te.log" 2>&1
-grep -E "^ours-|TE /|FAILED" "$O/bench_local_te.log"
-$B --configs ours-bshd --megatron-args "--transformer-impl transformer_engine --no-grouped-experts --no-sync-free-dispatch" \
-  > "$O/bench_te_megatron_experts.log" 2>&1
-grep -E "^ours-|FAILED" "$O/bench_te_megatron_experts.log"
-# 3. the functional layouts that fit one GPU, TE against local (30 iterations of tiny, bf16), and
-#    TE THD twice more (three runs with no non-finite gradient: the trainer raises at the first)
-for impl in local transformer_engine; do
-  python3 scripts/gpu_validation.py run --out "$O" --cases bshd,thd,bshd_no_mask,bshd_distopt --iters 30 \
-    --transformer-impl $impl --name "gv_$impl.json" 2>&1 | grep -E "^\["
-done
-python3 scripts/gpu_validation.py report "$O/gv_transformer_engine.json" --against "$O/gv_local.json" | tail -14
-for i in 2 3; do
-  python3 scripts/gpu_validation.py run --out "$O" --cases thd --iters 30 --transformer-impl transformer_engine \
-    --name "gv_te_thd_$i.json" 2>&1 | grep -E "^\["
+for step in ${@:-tests bench experts gv thd3}; do
+  echo "== $step"
+  case $step in
+    tests) timeout "$S" python3 -m pytest -q -s -rs tests/unit/test_te_gpu.py tests/unit/test_qwen35_registry.py \
+             "tests/unit/test_cp_split.py::test_matches_transformer_engine_thd_get_partitioned_indices" \
+             -p no:cacheprovider > "$O/te_tests.log" 2>&1
+           grep -E "^[0-9]+ \{|^raw TE|^te |^local |passed|failed|SKIPPED" "$O/te_tests.log" | cut -c1-300 ;;
+    bench) timeout "$S" $B --configs ours-bshd,ours-thd,ours-te-bshd,ours-te-thd --json "$O/bench_local_te.json" \
+             > "$O/bench_local_te.log" 2>&1; grep -E "^ours-|TE /|FAILED" "$O/bench_local_te.log" ;;
+    experts) timeout "$S" $B --configs ours-bshd --megatron-args \
+               "--transformer-impl transformer_engine --no-grouped-experts --no-sync-free-dispatch" \
+               > "$O/bench_te_megatron_experts.log" 2>&1; grep -E "^ours-|FAILED" "$O/bench_te_megatron_experts.log" ;;
+    gv) for impl in local transformer_engine; do
+          timeout "$S" python3 scripts/gpu_validation.py run --out "$O" --cases bshd,thd,bshd_no_mask,bshd_distopt \
+            --iters 30 --transformer-impl $impl --name "gv_$impl.json" 2>&1 | grep -E "^\["
+        done
+        python3 scripts/gpu_validation.py report "$O/gv_transformer_engine.json" --against "$O/gv_local.json" | tail -14 ;;
+    thd3) for i in 2 3; do
+            timeout "$S" python3 scripts/gpu_validation.py run --out "$O" --cases thd --iters 30 \
+              --transformer-impl transformer_engine --name "gv_te_thd_$i.json" 2>&1 | grep -E "^\["
+          done ;;
+    *) echo "unknown step $step (tests bench experts gv thd3)"; exit 2 ;;
+  esac
 done
