@@ -425,3 +425,38 @@ def test_main_parameters_are_found_under_the_key_the_other_optimizer_stored_them
     t = [leaf("optimizer.state.param.w")]
     with pytest.raises(CheckpointError, match=r"optimizer\.state\.param\.w.*bfloat16"):
         find_main_parameters(t, stored(("w", bf16)))
+
+
+def test_main_parameters_come_from_a_real_fp32_checkpoint(reference):
+    """The off -> on path against a checkpoint the CPU trainer wrote (plain fp32 optimizer): a
+    distributed optimizer's template asks for ``optimizer.state.param.K``, which is not stored; the
+    load takes it from the stored weight K, and the moments from their own keys."""
+    from megatron.mcore_ext.testing import run_distributed
+
+    got = run_distributed(_load_main_parameters, 1, args=(str(reference["ckpt"] / "iter_0000003"),))[0]
+    assert got["from_model"] == 1 and got["main_equals_weight"] and got["exp_avg_loaded"], got
+
+
+def _load_main_parameters(path):
+    import torch
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from multimodal_dev import checkpointing
+
+    stored = dist_checkpointing.load_tensors_metadata(path)
+    key = next(k for k, v in stored.items() if f"optimizer.state.exp_avg.{k}" in stored and v.dtype == torch.float32)
+    shape = tuple(stored[key].global_shape)
+
+    def leaf(k):
+        return ShardedTensor.from_rank_offsets(k, torch.full(shape, float("nan")))
+
+    template = {"model": {"w": leaf(key)},
+                "optimizer": {"tensors": {"0": leaf(f"optimizer.state.param.{key}"),
+                                          "1": leaf(f"optimizer.state.exp_avg.{key}")}}}
+    from_model = checkpointing._main_parameters(template, path)
+    loaded = dist_checkpointing.load(template, path)
+    checkpointing._main_parameters_from_weights(loaded, from_model)
+    main, weight, exp_avg = loaded["optimizer"]["tensors"]["0"], loaded["model"]["w"], loaded["optimizer"]["tensors"]["1"]
+    return {"from_model": len(from_model), "main_equals_weight": bool(torch.equal(main, weight)),
+            "exp_avg_loaded": bool(torch.isfinite(exp_avg).all() and exp_avg.abs().sum() > 0)}

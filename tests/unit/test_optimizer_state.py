@@ -74,3 +74,33 @@ def test_only_the_distributed_optimizer_without_te_or_apex_needs_the_fallback():
     opt, _ = _skeleton()
     assert fallbacks.needs_distributed_optimizer_fallback(opt)
     assert not fallbacks.needs_distributed_optimizer_fallback(torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))]))
+
+
+def test_restore_optimizer_loads_a_chained_distributed_optimizer_from_a_plain_checkpoint():
+    """``optimizer_state.restore_optimizer`` as the off -> on resume drives it: the loaded tensors
+    put back at their paths of the template, the plain optimizer's step (a tensor) into every group
+    of both distributed optimizers, each of them loaded through the fallback."""
+    from megatron.core.optimizer.optimizer import ChainedOptimizer
+
+    from multimodal_dev.optimizer_state import restore_optimizer
+
+    subs = [_skeleton() for _ in range(2)]
+    chained = object.__new__(ChainedOptimizer)
+    chained.chained_optimizers = [opt for opt, _ in subs]
+    osd, paths, values = {}, [], []
+    g = torch.Generator().manual_seed(1)
+    for i in range(2):
+        sd, _ = _saved()
+        sd["optimizer"]["param_groups"][0]["step"] = None  # the template's: filled from the checkpoint
+        osd[i] = sd
+        for k in ("param", "exp_avg", "exp_avg_sq"):
+            paths.append((i, "param_state", 0, k))
+            values.append(torch.randn(2, 3, generator=g))
+    restore_optimizer(chained, (osd, paths), {"tensors": {str(j): v for j, v in enumerate(values)},
+                                              "step": torch.tensor(5.0)})
+    for i, (opt, main) in enumerate(subs):
+        state = opt.optimizer.state[main]
+        want = values[3 * i: 3 * i + 3]
+        assert torch.equal(main.detach(), want[0].flatten())
+        assert torch.equal(state["exp_avg"], want[1].flatten()) and torch.equal(state["exp_avg_sq"], want[2].flatten())
+        assert opt.optimizer.param_groups[0]["step"] == 5.0 and float(state["step"]) == 5.0
