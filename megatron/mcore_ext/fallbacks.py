@@ -208,7 +208,7 @@ def load_distributed_optimizer_state(opt, state_dict) -> bool:
     parameter, TE's and apex's fused Adam do not), then copies the parameter state in with
     ``_set_main_param_and_optimizer_states``, which copies every tensor of that state from the
     loaded ones -- where ``step`` is deliberately left out -- so every load raised ``KeyError:
-    'step'`` (measured on one H200: the off -> on resume of tests/unit/test_faults.py). Here the
+    'step'`` (found on one H200: the off -> on resume of tests/unit/test_faults.py). Here the
     groups and the step load through megatron's own method without the parameter state, then the
     parameter state loads through megatron's ``load_parameter_state_from_fully_reshardable`` with
     the per-parameter steps set aside for the duration and put back after.
