@@ -244,33 +244,37 @@ class LayerGraphs:
             self.stats["eager"][why] += 1
             return self._orig[i](*args, **kw)
         psp = kw["packed_seq_params"]
-        n = self.max_segments + 1
-        cu = _pad_cu(psp.cu_seqlens_q if psp.cu_seqlens_q is not None else psp.cu_seqlens_q_padded, n)
-        cu_p = _pad_cu(psp.cu_seqlens_q_padded if psp.cu_seqlens_q_padded is not None else psp.cu_seqlens_q, n)
-        inputs = (hidden, kw["rotary_pos_emb"], cu, cu_p, kw["padding_mask"])
-        host_p = None
-        if self._gdn:
-            host_p, chunks = self._gdn_chunks(psp, cu, cu_p, n)
-            inputs += (chunks,)
+        cached = getattr(psp, "derived", None)  # the micro-batch's, shared by its layers
+        if cached is not None and "graph_inputs" in cached:
+            cu, cu_p, host_p, chunks = cached["graph_inputs"]
+        else:
+            cu, cu_p, host_p, chunks = self._boundary_inputs(psp)
+            if cached is not None:
+                cached["graph_inputs"] = (cu, cu_p, host_p, chunks)
+        inputs = (hidden, kw["rotary_pos_emb"], cu, cu_p, kw["padding_mask"]) + ((chunks,) if self._gdn else ())
         T = hidden.shape[0]
         if T not in self._graphs[i]:
             self._capture(T, inputs, host_p)
         self.stats["replays"] += 1
         return self._graphs[i][T](*inputs, *self._params[i]), None
 
-    def _gdn_chunks(self, psp, cu, cu_p, n: int):
-        """The padded host boundaries ``[n]`` and fla's chunk map of the row ``[T / 64, 2]`` (the
-        trailing empty segments add no chunk), built once per micro-batch by the GDN layer's own
-        ``chunk_indices`` and kept in ``psp.derived``."""
+    def _boundary_inputs(self, psp):
+        """The row's boundaries as graph inputs, once per micro-batch: real and padded ``cu_seqlens``
+        padded to ``max_segments + 1`` entries (empty trailing segments), and for GDN layers the
+        padded host boundaries and fla's chunk map of the row ``[T / 64, 2]`` (the empty segments
+        add no chunk), built by the GDN layer's own ``chunk_indices``; else None, None."""
+        n = self.max_segments + 1
+        cu = _pad_cu(psp.cu_seqlens_q if psp.cu_seqlens_q is not None else psp.cu_seqlens_q_padded, n)
+        cu_p = _pad_cu(psp.cu_seqlens_q_padded if psp.cu_seqlens_q_padded is not None else psp.cu_seqlens_q, n)
+        if not self._gdn:
+            return cu, cu_p, None, None
         from megatron.mcore_ext.packed_seq import HostPackedSeqParams
 
         host = psp.cu_seqlens_q_padded_cpu
         host_p = torch.cat([host, host[-1:].expand(n - host.numel())]) if host.numel() < n else host
-        if "graph_fla_chunks" not in psp.derived:
-            padded = HostPackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_p,
-                                         cu_seqlens_kv_padded=cu_p, cu_seqlens_q_padded_cpu=host_p)
-            psp.derived["graph_fla_chunks"] = self._gdn[0].chunk_indices(padded, cu_p, host_p)
-        return host_p, psp.derived["graph_fla_chunks"]
+        padded = HostPackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_p,
+                                     cu_seqlens_kv_padded=cu_p, cu_seqlens_q_padded_cpu=host_p)
+        return cu, cu_p, host_p, self._gdn[0].chunk_indices(padded, cu_p, host_p)
 
     # ---------------------------------------------------------------------------------------------
     def _warm_up(self, fns, args, proxies) -> None:

@@ -211,3 +211,23 @@ def test_fla_boundary_memo_is_off_while_capturing(monkeypatch):
     assert fake.FLA_DISABLE_TENSOR_CACHE is False
     with _fla_tensor_cache_off(False):
         assert fake.FLA_DISABLE_TENSOR_CACHE is False
+
+
+def test_boundary_inputs_are_padded_to_max_segments_with_empty_segments():
+    """What every graphed layer of a micro-batch takes as its boundary inputs (computed once per
+    micro-batch): real and padded cu_seqlens, int32, ``max_segments + 1`` entries, the last one
+    repeated (empty trailing segments); no GDN inputs for an attention-only model."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron.mcore_ext.layer_graphs import LayerGraphs
+
+    graphs = LayerGraphs([torch.nn.Linear(2, 2)], max_segments=5)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int64)
+    cu_p = torch.tensor([0, 4, 8], dtype=torch.int64)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_p,
+                          cu_seqlens_kv_padded=cu_p)
+    got_cu, got_cu_p, host_p, chunks = graphs._boundary_inputs(psp)
+    assert got_cu.dtype == got_cu_p.dtype == torch.int32
+    assert got_cu.tolist() == [0, 3, 7, 7, 7, 7] and got_cu_p.tolist() == [0, 4, 8, 8, 8, 8]
+    assert host_p is None and chunks is None
+    graphs.remove()
