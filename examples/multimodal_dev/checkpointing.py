@@ -59,7 +59,7 @@ from megatron.mcore_ext import fallbacks
 
 from multimodal_dev import checkpoint_trust
 from multimodal_dev.optimizer_state import (find_main_parameters, optimizer_parts, optimizer_step, restore_optimizer,
-                                            tensor_leaves)
+                                            shard_place, tensor_leaves)
 from multimodal_dev.checkpoint_checks import (CheckpointError, check_resolved, check_scheduler, check_settings,
                                               resolved_settings)
 
@@ -352,12 +352,18 @@ def _main_parameters(template: dict, path: str) -> dict:
     from_model = find_main_parameters([tensors[str(i)] for i in range(len(tensors))], stored)
     if not from_model:
         return {}
-    where = {leaf.key: p for p, leaf in tensor_leaves(template["model"]) if hasattr(leaf, "key")}
-    for i in from_model:
+    where = {(leaf.key, shard_place(leaf)): p for p, leaf in tensor_leaves(template["model"]) if hasattr(leaf, "key")}
+    taken = {}
+    for i, key in from_model.items():
+        p = where.get((key, shard_place(tensors[str(i)])))
+        if p is None:
+            raise CheckpointError(f"{path}: the optimizer's main parameter of {key!r} matches no shard of that "
+                                  "model weight (offsets differ); cannot take it from the loaded weights")
+        taken[i] = p
         del tensors[str(i)]
     log.info("%s: %d fp32 main parameters taken from the model weights (saved by an fp32 optimizer, which "
-             "keeps none apart)", path, len(from_model))
-    return {i: where[key] for i, key in from_model.items()}
+             "keeps none apart)", path, len(taken))
+    return taken
 
 
 def _main_parameters_from_weights(loaded: dict, from_model: dict) -> None:

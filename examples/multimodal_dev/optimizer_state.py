@@ -18,7 +18,7 @@ import torch
 from megatron.core.dist_checkpointing.mapping import ShardedBase
 
 __all__ = ["tensor_leaves", "optimizer_parts", "optimizer_step", "set_step", "restore_optimizer",
-           "find_main_parameters"]
+           "find_main_parameters", "shard_place"]
 
 
 def tensor_leaves(tree, path=()):
@@ -120,6 +120,16 @@ def find_main_parameters(leaves, stored: dict) -> dict:
                 "optimizer cannot be restored into this one (resume with the optimizer settings that saved it)")
         from_model[i] = model_key
     return from_model
+
+
+def shard_place(leaf):
+    """What tells apart the sharded leaves of one key (``ShardedTensor`` / factory), e.g. the experts
+    or layers megatron stores under one key at their own offsets: a tensor's global offset; a
+    factory's build and merge functions (megatron makes them per parameter, and an optimizer's
+    leaf is a ``dataclasses.replace`` of the model's, so the two share them)."""
+    if hasattr(leaf, "build_fn"):
+        return ("factory", leaf.build_fn, leaf.merge_fn)
+    return tuple(leaf.global_offset)
 
 
 def _unwrap_local(tree):

@@ -437,6 +437,58 @@ def test_main_parameters_come_from_a_real_fp32_checkpoint(reference):
     assert got["from_model"] == 1 and got["main_equals_weight"] and got["exp_avg_loaded"], got
 
 
+def test_each_main_parameter_comes_from_its_own_weight(reference):
+    """The same off -> on load with the real model's template: megatron stores the experts of a
+    layer under one key at their own offsets (and the gated fc1 as factories), so each main
+    parameter must come from the weight of its own shard, not from any weight of that key (the
+    distributed optimizer's fp32 main parameters are views of the model's: a wrong one overwrote
+    the loaded weights, and the H200 run's first resumed loss differed by 7e-4).
+    The template's main parameters are built as megatron's distributed optimizer builds them
+    (``make_sharded_optimizer_tensor`` of each model leaf, NaN-filled)."""
+    from megatron.mcore_ext.testing import run_distributed
+
+    got = run_distributed(_load_all_main_parameters, 1, args=(str(reference["ckpt"] / "iter_0000003"),))[0]
+    assert got["from_model"] == got["leaves"] > 20 and got["stacked"] > 0, got
+    assert got["wrong"] == [], got
+
+
+def _load_all_main_parameters(path):
+    import torch
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+
+    from multimodal_dev import checkpointing, training
+    from multimodal_dev.arguments import parse_args
+
+    cfg = parse_args(COMMON[:COMMON.index("--no-progress-bar")], world_size=1)
+    model = training.build_model_and_optimizer(cfg)[1]
+    model_sd = model.sharded_state_dict()
+    leaves = [v for _, v in checkpointing.tensor_leaves(model_sd) if isinstance(getattr(v, "data", None), torch.nn.Parameter)]
+    main = [make_sharded_optimizer_tensor(v, torch.full_like(v.data, float("nan")), "optimizer.state.param")
+            for v in leaves]
+    moments = [make_sharded_optimizer_tensor(v, torch.full_like(v.data, float("nan")), "optimizer.state.exp_avg")
+               for v in leaves]  # as stored by the plain optimizer: loaded from their own keys
+    template = {"model": model_sd, "optimizer": {"tensors": {str(i): m for i, m in enumerate(main + moments)}}}
+    # where each parameter's weight lies in the model template (the load turns the leaves into tensors)
+    path_of = {id(leaf.data): p for p, leaf in checkpointing.tensor_leaves(model_sd)}
+    where = [(path_of[id(v.data)], v.key, tuple(getattr(v, "global_offset", ()))) for v in leaves]
+    from_model = checkpointing._main_parameters(template, path)
+    loaded = dist_checkpointing.load(template, path)
+    checkpointing._main_parameters_from_weights(loaded, from_model)
+
+    def weight(p):
+        value = loaded["model"]
+        for k in p:
+            value = value[k]
+        return value
+
+    wrong = [(key, offset) for i, (p, key, offset) in enumerate(where)
+             if not torch.equal(loaded["optimizer"]["tensors"][str(i)], weight(p))]
+    stacked = sum(isinstance(v, ShardedTensor) and v.prepend_axis_num > 0 for v in leaves)
+    return {"from_model": len(from_model), "leaves": len(leaves), "stacked": stacked, "wrong": wrong[:5]}
+
+
 def _load_main_parameters(path):
     import torch
     from megatron.core import dist_checkpointing
