@@ -1,7 +1,7 @@
 """``--cuda-graph-layers`` (megatron/mcore_ext/layer_graphs.py).
 
 On a GPU: the trainer with the decoder layers replayed from CUDA graphs trains like the eager
-trainer on the same padded THD rows: the first iteration's forward is the same computation (same
+trainer on the same padded THD rows (rows of multiples of 256 tokens, samples of 64, given to both): the first iteration's forward is the same computation (same
 weights, same kernels), so its losses and every expert's token count are equal; later iterations
 follow within bf16 tolerance; and the graphs were really captured and replayed (the metrics say
 how often). Several micro-batches per step and rows of several lengths exercise capture, replay of
@@ -25,7 +25,7 @@ ENTRY = ROOT / "examples" / "multimodal_dev" / "pretrain_multimodal.py"
 COMMON = ["--variant", "tiny", "--dataset-provider", "mock", "--micro-batch-size", "2", "--global-batch-size", "8",
           "--seq-length", "512", "--layout-independent-init", "--lr", "2e-3", "--lr-warmup-iters", "1",
           "--no-progress-bar", "--moe-z-loss-coeff", "1e-3", "--seed", "1234", "--use-packed-sequence",
-          "--thd-row-multiple", "256", "--train-iters", "6"]
+          "--thd-row-multiple", "256", "--thd-sample-multiple", "64", "--train-iters", "6"]
 
 
 def _run(args, tmp_path, name):
@@ -64,6 +64,20 @@ def test_graphed_layers_train_like_eager(tmp_path, router):
         assert [sum(x) for x in a["expert_tokens"]] == [sum(x) for x in b["expert_tokens"]]
 
 
+def test_the_eager_and_graphed_runs_above_collate_the_same_rows(monkeypatch):
+    """The GPU comparisons hold only if both runs see the same padded rows: --cuda-graph-layers
+    pads each packed sample to 64 tokens by default (the Gated DeltaNet graphs need it), so the
+    eager run is given that padding explicitly. Parsed here on CPU (--bf16 asks for a GPU: the
+    check is told there is one; nothing runs)."""
+    from multimodal_dev.arguments import parse_args
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for extra in ([], ["--variant", "tiny-hybrid"]):
+        eager = parse_args(COMMON + ["--bf16", *extra], world_size=1).data
+        graphed = parse_args(COMMON + ["--bf16", "--cuda-graph-layers", *extra], world_size=1).data
+        assert eager == graphed, (eager, graphed)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="on CPU --cuda-graph-layers fails earlier: needs a GPU")
 def test_graphs_need_bf16():
     from multimodal_dev.arguments import ArgumentError, parse_args
@@ -86,7 +100,7 @@ def _fla_usable():
 def test_graphed_hybrid_layers_train_like_eager(tmp_path):
     """tiny-hybrid (3 Gated DeltaNet + 1 attention layer): the GDN layers are graphed too (fla's
     chunk map a graph input, every sample a multiple of 64 tokens), and train like eager."""
-    common = COMMON + ["--bf16", "--variant", "tiny-hybrid", "--thd-sample-multiple", "64"]
+    common = COMMON + ["--bf16", "--variant", "tiny-hybrid"]
     eager = _run(common, tmp_path, "eager")
     graphed = _run(common + ["--cuda-graph-layers"], tmp_path, "graphed")
     g = graphed[-1]["cuda_graphs"]
