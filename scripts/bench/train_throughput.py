@@ -414,6 +414,23 @@ def megatron_args(args, layout: str, extra: tuple = ()):
     return parse_args(argv, world_size=1)
 
 
+def resolve_thd_padding(args) -> None:
+    """``--thd-row-multiple`` / ``--thd-sample-multiple`` as the trainer resolves and checks them
+    (its defaults with ``--cuda-graph-layers``, the multiples the layout needs): the trainer's own
+    parser reads them for a THD run, so the bench pads ours-thd's rows as the trainer would."""
+    from multimodal_dev.arguments import ArgumentError
+
+    extra = ["--cuda-graph-layers"] if args.cuda_graph_layers else []
+    for flag, v in (("--thd-row-multiple", args.thd_row_multiple), ("--thd-sample-multiple", args.thd_sample_multiple)):
+        if v is not None:
+            extra += [flag, str(v)]
+    try:
+        data = megatron_args(args, "thd", tuple(extra)).data
+    except ArgumentError as e:
+        raise SystemExit(f"ours-thd: {e}") from None
+    args.thd_row_multiple, args.thd_sample_multiple = data.row_multiple, data.sample_multiple
+
+
 def _run_margs(args, margs):
     """``margs`` with the bench's own model and data options: one model serves both layouts, the
     CUDA graphs only ever take its THD calls, THD rows padded to ``--thd-row-multiple``."""
@@ -717,14 +734,7 @@ def main(argv=None) -> int:
     args.seq_multiple = margs.layout.seq_multiple
     if args.cuda_graph_layers and not _cuda():
         raise SystemExit("--cuda-graph-layers needs a CUDA GPU")
-    if args.thd_row_multiple is None:
-        args.thd_row_multiple = 1024 if args.cuda_graph_layers else 1
-    if args.thd_sample_multiple is None:
-        args.thd_sample_multiple = 64 if args.cuda_graph_layers else 1
-    row_unit = math.lcm(args.seq_multiple, args.thd_sample_multiple)
-    if args.thd_row_multiple < 1 or args.thd_row_multiple % row_unit:
-        raise SystemExit(f"--thd-row-multiple {args.thd_row_multiple} must be a positive multiple of {row_unit} "
-                         "(the layout's and --thd-sample-multiple's)")
+    resolve_thd_padding(args)
     # one model serves both layouts; the graphs only ever take its THD calls
     margs = _run_margs(args, margs)
     training.initialize(margs)  # process group (world size 1) + megatron parallel state, once

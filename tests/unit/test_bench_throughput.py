@@ -110,3 +110,33 @@ def test_a_model_the_bench_frees_is_gone_before_the_next_one_is_built(tmp_path):
                        env=env, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "FREED", r.stdout[-2000:]
+
+
+def test_the_bench_pads_thd_rows_as_the_trainer_resolves_its_flags():
+    """ours-thd's padding flags are the trainer's (the same defaults and checks, read by the
+    trainer's own parser), so a bench figure is one the trainer reproduces with those flags."""
+    import argparse
+
+    import pytest
+
+    sys.path[:0] = [str(ROOT / "scripts" / "bench")]
+    try:
+        import train_throughput as tt
+    finally:
+        del sys.path[0]
+
+    def args(**kw):
+        base = dict(variant="tiny", samples_per_step=2, seq_length=256, lr=1e-5, seed=1, fp32=False, megatron_args="",
+                    cuda_graph_layers=False, thd_row_multiple=None, thd_sample_multiple=None)
+        return argparse.Namespace(**{**base, **kw})
+
+    a = args()
+    tt.resolve_thd_padding(a)
+    assert (a.thd_row_multiple, a.thd_sample_multiple) == (1, 1)
+    a = args(thd_row_multiple=384, thd_sample_multiple=64)
+    tt.resolve_thd_padding(a)
+    assert (a.thd_row_multiple, a.thd_sample_multiple) == (384, 64)
+    with pytest.raises(SystemExit, match=r"ours-thd: --thd-row-multiple 100 must be a multiple of 64"):
+        tt.resolve_thd_padding(args(thd_row_multiple=100, thd_sample_multiple=64))
+    with pytest.raises(SystemExit, match=r"ours-thd: --thd-sample-multiple must be >= 1, got 0"):
+        tt.resolve_thd_padding(args(thd_sample_multiple=0))
