@@ -4,7 +4,8 @@
 #   on the GPU machine, after a run:  bash scripts/gpu/triton_cache.sh pack     -> $OUT/tcache.tgz.part0..3
 #   here, from the files that came back:
 #       cat tcache.tgz.part* > /tmp/tcache.tgz && ../shared/tools/device-carry.sh tcache /tmp/tcache.tgz
-#   next lease, after carrying the parts to /tmp/carry/tcache/: scripts/gpu/setup_env.sh unpacks them.
+#   next lease, after carrying the parts to /tmp/carry/tcache/ (or, one part, with the wheels:
+#   carry [".whl", ".carry/tcache/p1"]): scripts/gpu/setup_env.sh unpacks them.
 # fla 0.6 autotunes with Triton's cache_results on (FLA_CACHE_RESULTS, default 1), so the cache holds
 # the autotuning results too, not only the compiled kernels. A cache is only reused for the same
 # Triton version, GPU and kernel sources (fla 0.6.0); anything else compiles again, so a stale
@@ -21,9 +22,11 @@ case "${1:-}" in
     echo "triton cache: $(du -sh "$dir" | cut -f1) in $dir -> $((size / 1048576)) MiB packed, $n parts of 15 MB"
     [ "$n" -le 4 ] || echo "more than 4 parts: only 8 files (64 MiB) come back per call; split the packing over calls"
     ;;
-  unpack)
-    compgen -G "/tmp/carry/tcache/part*" > /dev/null || { echo "no carried triton cache"; exit 0; }
-    mkdir -p "$dir"; cat /tmp/carry/tcache/part* | tar -xzf - -C "$dir"
+  unpack)  # from /tmp/carry/tcache (carried in calls of its own) or .carry/tcache/p1 (one part of
+           # <= 58 MB, carried in the same call as .whl: carry [".whl", ".carry/tcache/p1"])
+    parts=$(ls /tmp/carry/tcache/part* 2>/dev/null || ls .carry/tcache/p*/part* 2>/dev/null || true)
+    [ -n "$parts" ] || { echo "no carried triton cache"; exit 0; }
+    mkdir -p "$dir"; cat $parts | tar -xzf - -C "$dir"
     echo "triton cache: $(ls "$dir" | wc -l) kernels unpacked into $dir"
     ;;
   *) echo "usage: $0 pack|unpack"; exit 2 ;;

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One GPU-machine call (at most 10 minutes) spent on several named steps, each bounded by what is
+# left, with the Triton cache packed at the end whatever happened before:
+#   bash scripts/gpu/run_steps.sh DEADLINE_S ITEM...
+#   ITEM  h:STEP   scripts/gpu/hybrid_checks.sh STEP (tests check bench graphs profile)
+#         t:STEP   scripts/gpu/te_checks.sh STEP (tests bench experts gv thd3; needs TE carried)
+#         distopt  tests/unit/test_faults.py -k distributed_optimizer (issue 18; ~3 minutes)
+#         pack     scripts/gpu/triton_cache.sh pack (25 s are kept for it)
+# An item gets the time left before DEADLINE_S as its bound (STEP_S); one with less than 40 s left is
+# skipped, saying so. The first call of a lease installs what was carried (scripts/gpu/setup_env.sh,
+# and scripts/gpu/te_setup.sh when TE's parts are in /tmp/carry/te); later calls of the same lease
+# find it installed. Logs under $OUT. Used this way on one H200 (docs/performance.md): a whole lease
+# is the carry calls of ../shared/tools/device-carry.sh, then calls such as
+#   bash scripts/gpu/run_steps.sh 590 distopt h:graphs h:tests pack
+start=$SECONDS; deadline=${1:?usage: run_steps.sh DEADLINE_S ITEM...}; shift
+export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ ! -d /tmp/site/megatron ]; then
+  source scripts/gpu/setup_env.sh > "$OUT/setup.log" 2>&1; tail -2 "$OUT/setup.log" | cut -c1-200
+fi
+if [ ! -d /tmp/tesite/transformer_engine ] && compgen -G "/tmp/carry/te/part*" > /dev/null; then
+  source scripts/gpu/te_setup.sh > "$OUT/te_setup.log" 2>&1; tail -1 "$OUT/te_setup.log" | cut -c1-200
+fi
+export PYTHONPATH=/tmp/tesite:/tmp/tsite:/tmp/site:$PWD:$PWD/examples PYTHONUNBUFFERED=1
+for item in "$@"; do
+  left=$((deadline - 25 - (SECONDS - start)))
+  if [ "$item" = pack ]; then bash scripts/gpu/triton_cache.sh pack; continue; fi
+  if [ "$left" -lt 40 ]; then echo "## skipped $item: $left s left"; continue; fi
+  echo "## $item ($left s left, at $((SECONDS - start)) s)"
+  case $item in
+    distopt) timeout $((left < 240 ? left : 240)) python3 -m pytest -q -rs -p no:cacheprovider \
+               tests/unit/test_faults.py -k distributed_optimizer > "$OUT/distopt.log" 2>&1
+             grep -E "passed|failed|^E " "$OUT/distopt.log" | tail -6 | cut -c1-300 ;;
+    h:*) STEP_S=$left bash scripts/gpu/hybrid_checks.sh "${item#h:}" ;;
+    t:*) STEP_S=$left bash scripts/gpu/te_checks.sh "${item#t:}" ;;
+    *) echo "unknown item $item (h:STEP t:STEP distopt pack)"; exit 2 ;;
+  esac
+done
+echo "## done at $((SECONDS - start)) s"
