@@ -32,12 +32,15 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--reverse", action="store_true", help="compare the batches in reverse order")
     p.add_argument("--warmup-iters", type=int, default=2, help="LayerGraphs' warm-up passes per layer before a capture")
+    p.add_argument("--megatron-args", default="", help="more trainer flags, as train_throughput.py's "
+                   "(e.g. --megatron-args='--transformer-impl transformer_engine')")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("layer_graphs_check needs a CUDA GPU")
     targs = tt.build_parser().parse_args(["--variant", a.variant, "--seq-length", str(a.seq_length),
                                           "--samples-per-step", str(a.samples_per_step), "--seed", str(a.seed),
-                                          "--steps", str(a.steps), "--warmup", "0"])
+                                          "--steps", str(a.steps), "--warmup", "0",
+                                          f"--megatron-args={a.megatron_args}"])
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron.mcore_ext.layer_graphs import LayerGraphs

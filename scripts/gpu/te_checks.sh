@@ -9,6 +9,8 @@
 #            side in one run (ours-* and ours-te-*, BSHD and THD)
 #   experts  TE with megatron's own experts loop (--no-grouped-experts --no-sync-free-dispatch): where
 #            the time went before our experts were put on the TE spec
+#   graphs   the decoder layers replayed from CUDA graphs on the TE spec: layer_graphs_check.py with TE
+#            (graphed against eager), then local and TE THD side by side with --cuda-graph-layers
 #   gv       the functional layouts that fit one GPU, TE against local (30 iterations of tiny, bf16)
 #   thd3     TE THD twice more (three runs with no non-finite gradient: the trainer raises at the first)
 # One GPU-machine call runs at most 10 minutes: give each call a few steps. Each step is bounded by
@@ -16,7 +18,7 @@
 # scripts/gpu/te_poison_probe.py TRAINER-FLAGS says where non-finite values start, for a new case.
 O=${OUT:-/tmp/out}; mkdir -p "$O"; S=${STEP_S:-400}
 B="python3 scripts/bench/train_throughput.py --variant proxy --seq-length 4096 --samples-per-step 4 --warmup 3 --steps 10 --skip-hf --no-gemm-check"
-for step in ${@:-tests bench experts gv thd3}; do
+for step in ${@:-tests bench graphs experts gv thd3}; do
   echo "== $step"
   case $step in
     tests) timeout "$S" python3 -m pytest -q -s -rs tests/unit/test_te_gpu.py tests/unit/test_qwen35_registry.py \
@@ -28,6 +30,12 @@ for step in ${@:-tests bench experts gv thd3}; do
     experts) timeout "$S" $B --configs ours-bshd --megatron-args \
                "--transformer-impl transformer_engine --no-grouped-experts --no-sync-free-dispatch" \
                > "$O/bench_te_megatron_experts.log" 2>&1; grep -E "^ours-|FAILED" "$O/bench_te_megatron_experts.log" ;;
+    graphs) timeout $((S / 3)) python3 scripts/bench/layer_graphs_check.py --variant proxy --steps 2 \
+              --megatron-args="--transformer-impl transformer_engine" > "$O/layer_graphs_check_te.txt" 2>&1
+            grep -E "^batch|RESULT|Error" "$O/layer_graphs_check_te.txt" | cut -c1-200
+            timeout $((S * 2 / 3)) $B --configs ours-thd,ours-te-thd --cuda-graph-layers \
+              --json "$O/bench_local_te_graphs.json" > "$O/bench_local_te_graphs.log" 2>&1
+            grep -E "^ours-|TE /|FAILED|cuda graphs" "$O/bench_local_te_graphs.log" ;;
     gv) for impl in local transformer_engine; do
           timeout "$S" python3 scripts/gpu_validation.py run --out "$O" --cases bshd,thd,bshd_no_mask,bshd_distopt \
             --iters 30 --transformer-impl $impl --name "gv_$impl.json" 2>&1 | grep -E "^\["
@@ -37,6 +45,6 @@ for step in ${@:-tests bench experts gv thd3}; do
             timeout "$S" python3 scripts/gpu_validation.py run --out "$O" --cases thd --iters 30 \
               --transformer-impl transformer_engine --name "gv_te_thd_$i.json" 2>&1 | grep -E "^\["
           done ;;
-    *) echo "unknown step $step (tests bench experts gv thd3)"; exit 2 ;;
+    *) echo "unknown step $step (tests bench graphs experts gv thd3)"; exit 2 ;;
   esac
 done
