@@ -352,13 +352,20 @@ def _main_parameters(template: dict, path: str) -> dict:
     from_model = find_main_parameters([tensors[str(i)] for i in range(len(tensors))], stored)
     if not from_model:
         return {}
-    where = {(leaf.key, shard_place(leaf)): p for p, leaf in tensor_leaves(template["model"]) if hasattr(leaf, "key")}
+    where, ambiguous = {}, set()
+    for p, leaf in tensor_leaves(template["model"]):
+        place = (leaf.key, shard_place(leaf))
+        if place in where:
+            ambiguous.add(place)
+        where[place] = p
     taken = {}
     for i, key in from_model.items():
-        p = where.get((key, shard_place(tensors[str(i)])))
-        if p is None:
-            raise CheckpointError(f"{path}: the optimizer's main parameter of {key!r} matches no shard of that "
-                                  "model weight (offsets differ); cannot take it from the loaded weights")
+        place = (key, shard_place(tensors[str(i)]))
+        if place not in where or place in ambiguous:
+            raise CheckpointError(f"{path}: the optimizer's main parameter of {key!r} matches "
+                                  f"{'several shards' if place in ambiguous else 'no shard'} of that model weight; "
+                                  "cannot take it from the loaded weights")
+        p = where[place]
         taken[i] = p
         del tensors[str(i)]
     log.info("%s: %d fp32 main parameters taken from the model weights (saved by an fp32 optimizer, which "

@@ -452,6 +452,42 @@ def test_each_main_parameter_comes_from_its_own_weight(reference):
     assert got["wrong"] == [], got
 
 
+def test_a_main_parameter_without_one_matching_weight_shard_is_refused(reference):
+    """Never a guess: two model leaves of one key at one place, or none at the main parameter's
+    place, and the load refuses naming the key."""
+    from megatron.mcore_ext.testing import run_distributed
+
+    got = run_distributed(_unmatched_main_parameters, 1, args=(str(reference["ckpt"] / "iter_0000003"),))[0]
+    assert "matches several shards" in got["twice"] and "matches no shard" in got["elsewhere"], got
+
+
+def _unmatched_main_parameters(path):
+    import torch
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from multimodal_dev import checkpointing
+
+    stored = dist_checkpointing.load_tensors_metadata(path)
+    key = next(k for k, v in stored.items() if f"optimizer.state.exp_avg.{k}" in stored and v.dtype == torch.float32
+               and len(v.global_shape) == 2)
+    shape = tuple(stored[key].global_shape)
+
+    def leaf(k, *offsets):
+        return ShardedTensor.from_rank_offsets(k, torch.zeros(shape), *offsets)
+
+    out = {}
+    for name, model, main in (("twice", {"w": leaf(key), "v": leaf(key)}, leaf(f"optimizer.state.param.{key}")),
+                              ("elsewhere", {"w": leaf(key)}, leaf(f"optimizer.state.param.{key}", (0, 1, 2)))):
+        template = {"model": model, "optimizer": {"tensors": {"0": main}}}
+        try:
+            checkpointing._main_parameters(template, path)
+            out[name] = "loaded"
+        except checkpointing.CheckpointError as e:
+            out[name] = str(e)
+    return out
+
+
 def _load_all_main_parameters(path):
     import torch
     from megatron.core import dist_checkpointing
