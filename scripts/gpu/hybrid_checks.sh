@@ -7,6 +7,9 @@
 #   check    layer_graphs_check.py on proxy-hybrid: per-layer outputs, loss and gradients, graphed vs eager
 #   bench    the text bench of the HF anchor (4 x 2,048 tokens): ours THD eager and HF in one run
 #   graphs   the same, ours THD with --cuda-graph-layers (rows padded to 1,024, samples to 64)
+#   mix      the variable-length image+text mix (4 samples of <= 4,096 tokens): ours BSHD and THD (rows
+#            padded to 1,024: few packed lengths, so few of fla's recompilations), two passes of the
+#            same steps, the second the steady state (issue 16's goal: THD >= 1.5x BSHD)
 #   profile  where the eager hybrid step waits (gpu_gaps.py; the trace stays out of $OUT)
 #   pack     the Triton cache into $OUT (scripts/gpu/triton_cache.sh), to carry to the next lease
 # One GPU-machine call runs at most 10 minutes, and a fresh machine spends 4-6 of them compiling fla's
@@ -16,7 +19,7 @@ O=${OUT:-/tmp/out}; mkdir -p "$O"; S=${STEP_S:-420}
 q() { grep -E "^thd|^bshd|^\{|passed|failed|SKIPPED|Error|^ours|^hf|^best|ours/HF|cuda graphs|warm-up|^layer|differ|max " \
   | cut -c1-300 | tail -${1:-20}; }
 TXT="--variant proxy-hybrid --seq-length 2048 --samples-per-step 4 --min-tokens 2048 --max-tokens 2048 --image-prob 0 --no-gemm-check"
-for step in ${@:-tests check bench graphs profile pack}; do
+for step in ${@:-tests check bench graphs mix profile pack}; do
   echo "== $step"
   case $step in
     tests) timeout "$S" python3 -m pytest -q -s -rs tests/unit/test_gdn_gpu.py tests/unit/test_layer_graphs.py \
@@ -28,10 +31,13 @@ for step in ${@:-tests check bench graphs profile pack}; do
     graphs) timeout "$S" python3 scripts/bench/train_throughput.py $TXT --warmup 3 --steps 15 --configs ours-thd --skip-hf \
              --cuda-graph-layers --json "$O/hybrid_text_graphs.json" > "$O/hybrid_text_graphs.log" 2>&1
            q 12 < "$O/hybrid_text_graphs.log" ;;
+    mix) timeout "$S" python3 scripts/bench/train_throughput.py --variant proxy-hybrid --seq-length 4096 \
+           --samples-per-step 4 --warmup 3 --steps 8 --passes 2 --no-gemm-check --configs ours-bshd,ours-thd --skip-hf \
+           --thd-row-multiple 1024 --json "$O/hybrid_mix.json" > "$O/hybrid_mix.log" 2>&1; q 12 < "$O/hybrid_mix.log" ;;
     profile) timeout "$S" python3 scripts/bench/gpu_gaps.py proxy-hybrid thd 2048 4 /tmp/prof 4 --no-gemm-check \
              --min-tokens 2048 --max-tokens 2048 --image-prob 0 > "$O/gpu_gaps_hybrid.txt" 2>&1
            grep -A14 "steps: wall" "$O/gpu_gaps_hybrid.txt" | cut -c1-200 ;;
     pack) bash scripts/gpu/triton_cache.sh pack ;;
-    *) echo "unknown step $step (tests check bench graphs profile pack)"; exit 2 ;;
+    *) echo "unknown step $step (tests check bench graphs mix profile pack)"; exit 2 ;;
   esac
 done
