@@ -2,23 +2,27 @@
 # One GPU-machine call (at most 10 minutes) spent on several named steps, each bounded by what is
 # left, with the Triton cache packed at the end whatever happened before:
 #   bash scripts/gpu/run_steps.sh DEADLINE_S ITEM...
-#   ITEM  h:STEP   scripts/gpu/hybrid_checks.sh STEP (tests check bench graphs profile)
-#         t:STEP   scripts/gpu/te_checks.sh STEP (tests bench experts gv thd3; needs TE carried)
+#   ITEM  h:STEP   scripts/gpu/hybrid_checks.sh STEP (tests check bench graphs mix profile)
+#         t:STEP   scripts/gpu/te_checks.sh STEP (tests bench graphs experts gv thd3; needs TE carried)
 #         distopt  tests/unit/test_faults.py -k distributed_optimizer (issue 18; ~3 minutes)
 #         pack     scripts/gpu/triton_cache.sh pack (25 s are kept for it)
 # An item gets the time left before DEADLINE_S as its bound (STEP_S); one with less than 40 s left is
-# skipped, saying so. The first call of a lease installs what was carried (scripts/gpu/setup_env.sh,
-# and scripts/gpu/te_setup.sh when TE's parts are in /tmp/carry/te); later calls of the same lease
-# find it installed. Logs under $OUT. Used this way on one H200 (docs/performance.md): a whole lease
-# is the carry calls of ../shared/tools/device-carry.sh, then calls such as
+# skipped, saying so. After each item, trainers it started in sessions of their own (the fault tests
+# do) are stopped, so that a timed-out item cannot run on beside the next one. The first call of a
+# lease installs what was carried (scripts/gpu/setup_env.sh, and scripts/gpu/te_setup.sh when TE's
+# parts are in /tmp/carry/te); later calls of the same lease find it installed. Logs under $OUT;
+# only 8 files come back per call, so when there are more the logs are put into one logs.tgz.
+# A whole lease (docs/performance.md): the carry calls of ../shared/tools/device-carry.sh, then e.g.
 #   bash scripts/gpu/run_steps.sh 590 distopt h:graphs h:tests pack
 start=$SECONDS; deadline=${1:?usage: run_steps.sh DEADLINE_S ITEM...}; shift
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if [ ! -d /tmp/site/megatron ]; then
-  source scripts/gpu/setup_env.sh > "$OUT/setup.log" 2>&1; tail -2 "$OUT/setup.log" | cut -c1-200
-fi
+setup() {  # $1: script, $2: log; run, not sourced, so that its failure is reported here
+  bash "$1" > "$OUT/$2" 2>&1 || { echo "## $1 failed:"; tail -20 "$OUT/$2" | cut -c1-300; return 1; }
+  tail -2 "$OUT/$2" | cut -c1-200
+}
+if [ ! -d /tmp/site/megatron ]; then setup scripts/gpu/setup_env.sh setup.log; fi
 if [ ! -d /tmp/tesite/transformer_engine ] && compgen -G "/tmp/carry/te/part*" > /dev/null; then
-  source scripts/gpu/te_setup.sh > "$OUT/te_setup.log" 2>&1; tail -1 "$OUT/te_setup.log" | cut -c1-200
+  setup scripts/gpu/te_setup.sh te_setup.log
 fi
 export PYTHONPATH=/tmp/tesite:/tmp/tsite:/tmp/site:$PWD:$PWD/examples PYTHONUNBUFFERED=1
 for item in "$@"; do
@@ -32,7 +36,13 @@ for item in "$@"; do
              grep -E "passed|failed|^E " "$OUT/distopt.log" | tail -6 | cut -c1-300 ;;
     h:*) STEP_S=$left bash scripts/gpu/hybrid_checks.sh "${item#h:}" ;;
     t:*) STEP_S=$left bash scripts/gpu/te_checks.sh "${item#t:}" ;;
-    *) echo "unknown item $item (h:STEP t:STEP distopt pack)"; exit 2 ;;
+    *) echo "## unknown item $item (h:STEP t:STEP distopt pack): skipped" ;;
   esac
+  pkill -f examples/multimodal_dev/pretrain_multimodal.py 2>/dev/null && sleep 2
+  pkill -9 -f examples/multimodal_dev/pretrain_multimodal.py 2>/dev/null
 done
+if [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then
+  (cd "$OUT" && find . -type f \( -name "*.log" -o -name "*.txt" \) -print0 | tar -czf logs.tgz --null -T - --remove-files)
+  echo "## more than 8 files: the logs are in logs.tgz"
+fi
 echo "## done at $((SECONDS - start)) s"

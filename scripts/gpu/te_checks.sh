@@ -14,7 +14,7 @@
 #   gv       the functional layouts that fit one GPU, TE against local (30 iterations of tiny, bf16)
 #   thd3     TE THD twice more (three runs with no non-finite gradient: the trainer raises at the first)
 # One GPU-machine call runs at most 10 minutes: give each call a few steps. Each step is bounded by
-# STEP_S seconds (default 400). Logs and JSON under ${OUT:-/tmp/out}.
+# STEP_S seconds (default 400; a step of two runs gives each half). Logs and JSON under ${OUT:-/tmp/out}.
 # scripts/gpu/te_poison_probe.py TRAINER-FLAGS says where non-finite values start, for a new case.
 O=${OUT:-/tmp/out}; mkdir -p "$O"; S=${STEP_S:-400}
 B="python3 scripts/bench/train_throughput.py --variant proxy --seq-length 4096 --samples-per-step 4 --warmup 3 --steps 10 --skip-hf --no-gemm-check"
@@ -37,12 +37,12 @@ for step in ${@:-tests bench graphs experts gv thd3}; do
               --json "$O/bench_local_te_graphs.json" > "$O/bench_local_te_graphs.log" 2>&1
             grep -E "^ours-|TE /|FAILED|cuda graphs" "$O/bench_local_te_graphs.log" ;;
     gv) for impl in local transformer_engine; do
-          timeout "$S" python3 scripts/gpu_validation.py run --out "$O" --cases bshd,thd,bshd_no_mask,bshd_distopt \
+          timeout $((S / 2)) python3 scripts/gpu_validation.py run --out "$O" --cases bshd,thd,bshd_no_mask,bshd_distopt \
             --iters 30 --transformer-impl $impl --name "gv_$impl.json" 2>&1 | grep -E "^\["
         done
         python3 scripts/gpu_validation.py report "$O/gv_transformer_engine.json" --against "$O/gv_local.json" | tail -14 ;;
     thd3) for i in 2 3; do
-            timeout "$S" python3 scripts/gpu_validation.py run --out "$O" --cases thd --iters 30 \
+            timeout $((S / 2)) python3 scripts/gpu_validation.py run --out "$O" --cases thd --iters 30 \
               --transformer-impl transformer_engine --name "gv_te_thd_$i.json" 2>&1 | grep -E "^\["
           done ;;
     *) echo "unknown step $step (tests bench graphs experts gv thd3)"; exit 2 ;;

@@ -443,8 +443,9 @@ def test_each_main_parameter_comes_from_its_own_weight(reference):
     parameter must come from the weight of its own shard, not from any weight of that key (the
     distributed optimizer's fp32 main parameters are views of the model's: a wrong one overwrote
     the loaded weights, and the H200 run's first resumed loss differed by 7e-4).
-    The template's main parameters are built as megatron's distributed optimizer builds them
-    (``make_sharded_optimizer_tensor`` of each model leaf, NaN-filled)."""
+    The template's main parameters are built as megatron builds optimizer leaves: a ``replace`` of
+    each model leaf with the optimizer's key and data (``make_sharded_optimizer_tensor``; the
+    distributed optimizer's fully reshardable form does the same), NaN-filled. One process only."""
     from megatron.mcore_ext.testing import run_distributed
 
     got = run_distributed(_load_all_main_parameters, 1, args=(str(reference["ckpt"] / "iter_0000003"),))[0]
