@@ -38,8 +38,8 @@ for item in "$@"; do
     t:*) STEP_S=$left bash scripts/gpu/te_checks.sh "${item#t:}" ;;
     *) echo "## unknown item $item (h:STEP t:STEP distopt pack): skipped" ;;
   esac
-  pkill -f examples/multimodal_dev/pretrain_multimodal.py 2>/dev/null && sleep 2
-  pkill -9 -f examples/multimodal_dev/pretrain_multimodal.py 2>/dev/null
+  pkill -f "$PWD/examples/multimodal_dev/pretrain_multimodal.py" 2>/dev/null && sleep 2  # this checkout's only
+  pkill -9 -f "$PWD/examples/multimodal_dev/pretrain_multimodal.py" 2>/dev/null
 done
 if [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then
   (cd "$OUT" && find . -type f \( -name "*.log" -o -name "*.txt" \) -print0 | tar -czf logs.tgz --null -T - --remove-files)
