@@ -343,9 +343,10 @@ def load_weights(ckpt: Checkpoint, model) -> int:
 
 def _main_parameters(template: dict, path: str) -> dict:
     """The optimizer's fp32 main parameters under the key the saving optimizer used
-    (``optimizer_state.find_main_parameters``); those to take from the loaded model weights are
-    dropped from the template and returned as ``{position: path in the model state dict}``
-    (found before the load, which turns the template's leaves into tensors)."""
+    (``optimizer_state.find_main_parameters``); those to take from the stored model weights are
+    dropped from the template and returned as ``{position: (path in the model state dict, model
+    key, the main parameter's leaf)}`` (found before the load, which turns the template's leaves
+    into tensors)."""
     with _quiet_dcp():
         stored = dist_checkpointing.load_tensors_metadata(path)
     tensors = template["optimizer"]["tensors"]
@@ -365,20 +366,29 @@ def _main_parameters(template: dict, path: str) -> dict:
             raise CheckpointError(f"{path}: the optimizer's main parameter of {key!r} matches "
                                   f"{'several shards' if place in ambiguous else 'no shard'} of that model weight; "
                                   "cannot take it from the loaded weights")
-        p = where[place]
-        taken[i] = p
-        del tensors[str(i)]
+        taken[i] = (where[place], key, tensors.pop(str(i)))
     log.info("%s: %d fp32 main parameters taken from the model weights (saved by an fp32 optimizer, which "
              "keeps none apart)", path, len(taken))
     return taken
 
 
-def _main_parameters_from_weights(loaded: dict, from_model: dict) -> None:
-    for i, path in from_model.items():
+def _main_parameters_from_weights(loaded: dict, from_model: dict, path: str) -> None:
+    """The main parameters of ``_main_parameters`` into ``loaded``: a loaded weight of the main
+    parameter's dtype is those values (an fp32 model); a weight loaded in another dtype (a bf16
+    model resuming an fp32 checkpoint) is rounded, so those main parameters are read once more
+    from the stored fp32 weights, into leaves of their own."""
+    again = {}
+    for i, (where, key, leaf) in from_model.items():
         value = loaded["model"]
-        for k in path:
+        for k in where:
             value = value[k]
-        loaded["optimizer"]["tensors"][str(i)] = value.detach().clone()
+        if value.dtype == leaf.data.dtype:
+            loaded["optimizer"]["tensors"][str(i)] = value.detach().clone()
+        else:
+            again[str(i)] = dataclasses.replace(leaf, key=key)
+    if again:
+        with _quiet_dcp():
+            loaded["optimizer"]["tensors"].update(dist_checkpointing.load(again, path))
 
 
 def load_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, restore_rank_state: bool = True):
@@ -405,7 +415,7 @@ def load_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, restore_rank_
     from_model = _main_parameters(template, path)
     with _quiet_dcp():
         loaded = dist_checkpointing.load(template, path)
-    _main_parameters_from_weights(loaded, from_model)
+    _main_parameters_from_weights(loaded, from_model, path)
     model.load_state_dict(loaded["model"])
     restore_optimizer(optimizer, structure, loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])

@@ -512,7 +512,7 @@ def _load_all_main_parameters(path):
     where = [(path_of[id(v.data)], v.key, tuple(getattr(v, "global_offset", ()))) for v in leaves]
     from_model = checkpointing._main_parameters(template, path)
     loaded = dist_checkpointing.load(template, path)
-    checkpointing._main_parameters_from_weights(loaded, from_model)
+    checkpointing._main_parameters_from_weights(loaded, from_model, path)
 
     def weight(p):
         value = loaded["model"]
@@ -524,6 +524,41 @@ def _load_all_main_parameters(path):
              if not torch.equal(loaded["optimizer"]["tensors"][str(i)], weight(p))]
     stacked = sum(isinstance(v, ShardedTensor) and v.prepend_axis_num > 0 for v in leaves)
     return {"from_model": len(from_model), "leaves": len(leaves), "stacked": stacked, "wrong": wrong[:5]}
+
+
+def test_a_bf16_model_takes_its_main_parameters_unrounded_from_an_fp32_checkpoint(reference):
+    """An fp32 checkpoint resumed by a bf16 model with a distributed optimizer: its fp32 main
+    parameters are the stored fp32 weights, not the bf16-rounded weights the model loads."""
+    from megatron.mcore_ext.testing import run_distributed
+
+    got = run_distributed(_bf16_model_main_parameters, 1, args=(str(reference["ckpt"] / "iter_0000003"),))[0]
+    assert got["rounding_shows"] and got["dtype"] == "torch.float32" and got["exact"], got
+
+
+def _bf16_model_main_parameters(path):
+    import torch
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from multimodal_dev import checkpointing
+
+    stored = dist_checkpointing.load_tensors_metadata(path)
+    key = next(k for k, v in stored.items() if f"optimizer.state.exp_avg.{k}" in stored and v.dtype == torch.float32)
+    shape = tuple(stored[key].global_shape)
+
+    def leaf(k, dtype):
+        return ShardedTensor.from_rank_offsets(k, torch.full(shape, float("nan"), dtype=dtype))
+
+    want = dist_checkpointing.load({"w": leaf(key, torch.float32)}, path)["w"]  # the stored fp32 weight
+    template = {"model": {"w": leaf(key, torch.bfloat16)},
+                "optimizer": {"tensors": {"0": leaf(f"optimizer.state.param.{key}", torch.float32),
+                                          "1": leaf(f"optimizer.state.exp_avg.{key}", torch.float32)}}}
+    from_model = checkpointing._main_parameters(template, path)
+    loaded = dist_checkpointing.load(template, path)
+    checkpointing._main_parameters_from_weights(loaded, from_model, path)
+    main = loaded["optimizer"]["tensors"]["0"]
+    return {"rounding_shows": not torch.equal(want, want.bfloat16().float()), "dtype": str(main.dtype),
+            "exact": bool(torch.equal(main.float(), want))}
 
 
 def _load_main_parameters(path):
@@ -545,7 +580,7 @@ def _load_main_parameters(path):
                                           "1": leaf(f"optimizer.state.exp_avg.{key}")}}}
     from_model = checkpointing._main_parameters(template, path)
     loaded = dist_checkpointing.load(template, path)
-    checkpointing._main_parameters_from_weights(loaded, from_model)
+    checkpointing._main_parameters_from_weights(loaded, from_model, path)
     main, weight, exp_avg = loaded["optimizer"]["tensors"]["0"], loaded["model"]["w"], loaded["optimizer"]["tensors"]["1"]
     return {"from_model": len(from_model), "main_equals_weight": bool(torch.equal(main, weight)),
             "exp_avg_loaded": bool(torch.isfinite(exp_avg).all() and exp_avg.abs().sum() > 0)}
