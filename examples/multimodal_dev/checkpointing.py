@@ -376,7 +376,8 @@ def _main_parameters_from_weights(loaded: dict, from_model: dict, path: str) -> 
     """The main parameters of ``_main_parameters`` into ``loaded``: a loaded weight of the main
     parameter's dtype is those values (an fp32 model); a weight loaded in another dtype (a bf16
     model resuming an fp32 checkpoint) is rounded, so those main parameters are read once more
-    from the stored fp32 weights, into leaves of their own."""
+    from the stored fp32 weights, into leaves of their own: a collective read, so every rank
+    takes part when any rank needs it (an empty read on the others)."""
     again = {}
     for i, (where, key, leaf) in from_model.items():
         value = loaded["model"]
@@ -386,7 +387,9 @@ def _main_parameters_from_weights(loaded: dict, from_model: dict, path: str) -> 
             loaded["optimizer"]["tensors"][str(i)] = value.detach().clone()
         else:
             again[str(i)] = dataclasses.replace(leaf, key=key)
-    if again:
+    needed = [False] * dist.get_world_size()
+    dist.all_gather_object(needed, bool(again))
+    if any(needed):
         with _quiet_dcp():
             loaded["optimizer"]["tensors"].update(dist_checkpointing.load(again, path))
 

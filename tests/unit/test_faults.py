@@ -533,10 +533,15 @@ def test_a_bf16_model_takes_its_main_parameters_unrounded_from_an_fp32_checkpoin
 
     got = run_distributed(_bf16_model_main_parameters, 1, args=(str(reference["ckpt"] / "iter_0000003"),))[0]
     assert got["rounding_shows"] and got["dtype"] == "torch.float32" and got["exact"], got
+    # the second read is collective: a rank that needs none takes part (two ranks, only rank 0 asks
+    # for a main parameter; without the agreement rank 0 waits alone in the read)
+    both = run_distributed(_bf16_model_main_parameters, 2, args=(str(reference["ckpt"] / "iter_0000003"), True))
+    assert both[0]["dtype"] == "torch.float32" and both[0]["exact"] and both[1] == {"no main parameter": True}, both
 
 
-def _bf16_model_main_parameters(path):
+def _bf16_model_main_parameters(path, only_rank0_asks=False):
     import torch
+    import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
@@ -546,16 +551,20 @@ def _bf16_model_main_parameters(path):
     key = next(k for k, v in stored.items() if f"optimizer.state.exp_avg.{k}" in stored and v.dtype == torch.float32)
     shape = tuple(stored[key].global_shape)
 
-    def leaf(k, dtype):
-        return ShardedTensor.from_rank_offsets(k, torch.full(shape, float("nan"), dtype=dtype))
+    def leaf(k, dtype):  # the whole tensor on every rank: rank r holds replica r
+        return ShardedTensor.from_rank_offsets(k, torch.full(shape, float("nan"), dtype=dtype),
+                                               replica_id=dist.get_rank())
 
     want = dist_checkpointing.load({"w": leaf(key, torch.float32)}, path)["w"]  # the stored fp32 weight
-    template = {"model": {"w": leaf(key, torch.bfloat16)},
-                "optimizer": {"tensors": {"0": leaf(f"optimizer.state.param.{key}", torch.float32),
-                                          "1": leaf(f"optimizer.state.exp_avg.{key}", torch.float32)}}}
+    asks = not (only_rank0_asks and dist.get_rank() > 0)
+    tensors = {"0": leaf(f"optimizer.state.param.{key}", torch.float32)} if asks else {}
+    tensors[str(len(tensors))] = leaf(f"optimizer.state.exp_avg.{key}", torch.float32)
+    template = {"model": {"w": leaf(key, torch.bfloat16)}, "optimizer": {"tensors": tensors}}
     from_model = checkpointing._main_parameters(template, path)
     loaded = dist_checkpointing.load(template, path)
     checkpointing._main_parameters_from_weights(loaded, from_model, path)
+    if not asks:
+        return {"no main parameter": not from_model}
     main = loaded["optimizer"]["tensors"]["0"]
     return {"rounding_shows": not torch.equal(want, want.bfloat16().float()), "dtype": str(main.dtype),
             "exact": bool(torch.equal(main.float(), want))}
