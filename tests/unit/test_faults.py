@@ -437,6 +437,18 @@ def test_main_parameters_come_from_a_real_fp32_checkpoint(reference):
     assert got["from_model"] == 1 and got["main_equals_weight"] and got["exp_avg_loaded"], got
 
 
+def _stored_fp32_weight(path, ndim=None):
+    """(key, global shape) of a model weight the checkpoint at ``path`` stores in fp32 with its
+    Adam moment (of ``ndim`` dimensions if given)."""
+    import torch
+    from megatron.core import dist_checkpointing
+
+    stored = dist_checkpointing.load_tensors_metadata(path)
+    key = next(k for k, v in stored.items() if f"optimizer.state.exp_avg.{k}" in stored and v.dtype == torch.float32
+               and (ndim is None or len(v.global_shape) == ndim))
+    return key, tuple(stored[key].global_shape)
+
+
 def test_each_main_parameter_comes_from_its_own_weight(reference):
     """The same off -> on load with the real model's template: megatron stores the experts of a
     layer under one key at their own offsets (and the gated fc1 as factories), so each main
@@ -464,15 +476,11 @@ def test_a_main_parameter_without_one_matching_weight_shard_is_refused(reference
 
 def _unmatched_main_parameters(path):
     import torch
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     from multimodal_dev import checkpointing
 
-    stored = dist_checkpointing.load_tensors_metadata(path)
-    key = next(k for k, v in stored.items() if f"optimizer.state.exp_avg.{k}" in stored and v.dtype == torch.float32
-               and len(v.global_shape) == 2)
-    shape = tuple(stored[key].global_shape)
+    key, shape = _stored_fp32_weight(path, ndim=2)
 
     def leaf(k, *offsets):
         return ShardedTensor.from_rank_offsets(k, torch.zeros(shape), *offsets)
@@ -547,9 +555,7 @@ def _bf16_model_main_parameters(path, only_rank0_asks=False):
 
     from multimodal_dev import checkpointing
 
-    stored = dist_checkpointing.load_tensors_metadata(path)
-    key = next(k for k, v in stored.items() if f"optimizer.state.exp_avg.{k}" in stored and v.dtype == torch.float32)
-    shape = tuple(stored[key].global_shape)
+    key, shape = _stored_fp32_weight(path)
 
     def leaf(k, dtype):  # the whole tensor on every rank: rank r holds replica r
         return ShardedTensor.from_rank_offsets(k, torch.full(shape, float("nan"), dtype=dtype),
@@ -577,9 +583,7 @@ def _load_main_parameters(path):
 
     from multimodal_dev import checkpointing
 
-    stored = dist_checkpointing.load_tensors_metadata(path)
-    key = next(k for k, v in stored.items() if f"optimizer.state.exp_avg.{k}" in stored and v.dtype == torch.float32)
-    shape = tuple(stored[key].global_shape)
+    key, shape = _stored_fp32_weight(path)
 
     def leaf(k):
         return ShardedTensor.from_rank_offsets(k, torch.full(shape, float("nan")))
