@@ -4,11 +4,12 @@ megatron-core's ``optimizer.sharded_state_dict`` gives a nested dict whose tenso
 leaves under the model parameters' keys; ``tensor_leaves`` lists them (path, leaf) so a checkpoint
 stores them flat, by position, and ``restore_optimizer`` puts the loaded tensors back at the same
 paths of the loading run's own structure. The shared Adam step is kept apart
-(``optimizer_step`` / ``set_step``) because the two optimizers megatron builds keep it in
-different places: the plain (mixed-precision / fp32) one as ``state["common_step"]`` (a tensor),
-the distributed one in every parameter group (``param_groups[i]["step"]``, a float, or an int with
-TE's FusedAdam); a checkpoint of either loads into the other. The fp32 main parameters differ
-the same way (``find_main_parameters``).
+(``optimizer_step`` / ``set_step``) because the optimizers megatron builds keep it in different
+places (``step_place``): over torch's Adam the plain (mixed-precision / fp32) one as
+``state["common_step"]`` (a tensor, spread per parameter at load) and the distributed one in every
+parameter group (a float); TE's and apex's FusedAdam -- what megatron builds whenever TE is
+importable -- in every parameter group as an int, plain or distributed. A checkpoint of any loads
+into any other. The fp32 main parameters differ the same way (``find_main_parameters``).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any, Optional
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedBase
 
-__all__ = ["tensor_leaves", "optimizer_parts", "optimizer_step", "set_step", "restore_optimizer",
+__all__ = ["tensor_leaves", "optimizer_parts", "optimizer_step", "step_place", "set_step", "restore_optimizer",
            "find_main_parameters", "shard_place"]
 
 
@@ -52,35 +53,64 @@ def _torch_state(part: dict) -> dict:
     return part["optimizer"] if "optimizer" in part else part
 
 
+def _group_steps(ts: dict) -> list:
+    """The steps of the parameter groups that have parameters (TE's FusedAdam before 2.20 did not
+    advance an empty group's step; megatron aligns the others, ``ChainedOptimizer._synchronize_steps``).
+    The distributed optimizer's groups carry no parameter list here: all of them count."""
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
+
+    steps = []
+    for g in ts.get("param_groups", []):
+        params = g.get("params")
+        if isinstance(params, LocalNonpersistentObject):
+            params = params.unwrap()
+        if g.get("step") is not None and (params is None or len(params) > 0):
+            steps.append(g["step"].item() if torch.is_tensor(g["step"]) else g["step"])
+    return steps
+
+
 def optimizer_step(parts) -> Optional[Any]:
-    """The Adam step of a (chained) optimizer's state dicts: the plain megatron optimizer keeps it
-    as ``state["common_step"]`` (a tensor), the distributed one has no torch "state" there and
-    puts it in every parameter group (``param_groups[i]["step"]``, a float without apex/TE)."""
+    """The Adam step of a (chained) optimizer's state dicts, wherever it is kept (module docstring):
+    the plain optimizer's ``state["common_step"]``, else the parameter groups' ``step``. None before
+    the first step. Raises ValueError when the groups disagree (megatron asserts the same)."""
     steps = []
     for p in parts:
         ts = _torch_state(p)
-        if "state" in ts:
-            steps.append(ts["state"].get("common_step"))
-        else:
-            steps += [g.get("step") for g in ts.get("param_groups", [])]
-    steps = [x for x in steps if x is not None]
+        common = ts.get("state", {}).get("common_step")
+        steps += [common] if common is not None else _group_steps(ts)
+    if len({float(x) for x in steps}) > 1:
+        raise ValueError(f"the optimizer's Adam step differs between its parameter groups: {steps}")
     return steps[0] if steps else None
 
 
-def set_step(parts, step) -> None:
-    """Put the saved Adam step (either format's, see ``optimizer_step``) where this run's
-    optimizer keeps it; None (saved before any step) leaves the plain optimizer without a common
-    step and the distributed one's groups as they are."""
-    for p in parts:
+def step_place(opt) -> str:
+    """Where one of megatron's optimizers (``chained_optimizers`` member) keeps the Adam step:
+    ``"common_step"`` (the plain optimizer over torch's Adam(W): a per-parameter tensor that
+    megatron saves once), ``"groups_float"`` (the distributed one over torch's Adam: every group,
+    a float that megatron turns into the per-parameter tensor at load) or ``"groups_int"`` (TE's
+    or apex's FusedAdam, plain or distributed: every group, an int -- TE's ``load_state_dict``
+    refuses a per-parameter ``step`` and its kernel takes an int)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if isinstance(getattr(opt, "optimizer", opt), (torch.optim.Adam, torch.optim.AdamW)):
+        return "groups_float" if isinstance(opt, DistributedOptimizer) else "common_step"
+    return "groups_int"
+
+
+def set_step(parts, step, places) -> None:
+    """Put the saved Adam step (any format's, see ``optimizer_step``) where this run's optimizers
+    keep it, ``places[i]`` (``step_place``) for ``parts[i]``; None (saved before any step) leaves
+    no common step and the groups as they are."""
+    for p, place in zip(parts, places, strict=True):
         ts = _torch_state(p)
-        if "state" in ts:
-            if step is None:
-                ts["state"].pop("common_step", None)
-            else:
+        if place == "common_step":
+            ts["state"].pop("common_step", None)
+            if step is not None:
                 ts["state"]["common_step"] = step if torch.is_tensor(step) else torch.tensor(float(step))
-        elif step is not None:  # the distributed optimizer: every group, in the type it holds there
-            for g in ts.get("param_groups", []):  # (TE's FusedAdam counts in ints, torch's in floats)
-                g["step"] = int(step) if isinstance(g.get("step"), int) else float(step)
+        elif step is not None:
+            value = float(step) if place == "groups_float" else int(step)
+            for g in ts.get("param_groups", []):
+                g["step"] = value
 
 
 #: where each optimizer stores the fp32 main parameter of model key K: the distributed one under
@@ -154,11 +184,13 @@ def restore_optimizer(optimizer, structure, loaded_opt: dict) -> None:
         _set_path(osd, path, loaded_opt["tensors"][str(i)])
     _unwrap_local(osd)
     parts = optimizer_parts(osd)
-    set_step(parts, loaded_opt.get("step"))
+    subs = list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+    if len(subs) != len(parts):
+        raise ValueError(f"{len(parts)} optimizer state dicts for {len(subs)} optimizers")
+    set_step(parts, loaded_opt.get("step"), [step_place(s) for s in subs])
     from megatron.mcore_ext import fallbacks
 
-    subs = list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
-    if len(subs) == len(parts) and any(fallbacks.needs_distributed_optimizer_fallback(s) for s in subs):
+    if any(fallbacks.needs_distributed_optimizer_fallback(s) for s in subs):
         # what ChainedOptimizer.load_state_dict does, one optimizer at a time (the steps are equal
         # already: set_step), with the distributed ones through the fallback
         for sub, part in zip(subs, parts):

@@ -335,9 +335,12 @@ def _cuda() -> bool:
 
 
 @pytest.mark.skipif(not _cuda(), reason="--use-distributed-optimizer needs a GPU (the trainer refuses it on CPU)")
-@pytest.mark.parametrize("first, second", [([], ["--use-distributed-optimizer"]), (["--use-distributed-optimizer"], [])],
-                         ids=["off_to_on", "on_to_off"])
+@pytest.mark.parametrize("first, second", [([], ["--use-distributed-optimizer"]), (["--use-distributed-optimizer"], []),
+                                           ([], [])], ids=["off_to_on", "on_to_off", "off_to_off"])
 def test_distributed_optimizer_on_off_resumes(tmp_path, first, second):
+    """On the GPU machine, where megatron builds TE's FusedAdam when TE is importable and torch's
+    AdamW otherwise; off_to_off is the plain resume with that optimizer (with TE it lost the Adam
+    step: test_an_adam_keeping_its_step_per_group_resumes_with_it)."""
     ref = _run(COMMON + first + ["--train-iters", "6", "--metrics-file", str(tmp_path / "ref.jsonl")])
     assert ref.returncode == 0, ref.stderr[-3000:]
     saved = _run(COMMON + first + ["--train-iters", "6", "--exit-after-iters", "3", "--save", str(tmp_path / "c"),
@@ -349,6 +352,28 @@ def test_distributed_optimizer_on_off_resumes(tmp_path, first, second):
     _same(_metrics(tmp_path / "m.jsonl"), _metrics(tmp_path / "ref.jsonl")[3:], rel=1e-4)
 
 
+GROUP_STEP_ADAM = ["--plugin", str(ROOT / "tests" / "plugins" / "group_step_adam.py")]
+
+
+def test_an_adam_keeping_its_step_per_group_resumes_with_it(tmp_path):
+    """Found on the GPU machine with TE installed (megatron then builds TE's FusedAdam): FusedAdam
+    keeps the Adam step per parameter group, not per parameter, so the plain optimizer saved no
+    step -- a resume restarted Adam's bias correction (the second resumed loss differed) -- and a
+    step restored per parameter is refused by its ``load_state_dict`` (KeyError 'step'). With a CPU
+    stand-in keeping TE's conventions (tests/plugins/group_step_adam.py) the resumed run continues
+    the uninterrupted one's losses exactly."""
+    ref = _run(COMMON + GROUP_STEP_ADAM + ["--train-iters", "6", "--metrics-file", str(tmp_path / "ref.jsonl")])
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert "GroupStepAdam" in ref.stderr, ref.stderr[-3000:]  # the stand-in is the optimizer megatron built
+    saved = _run(COMMON + GROUP_STEP_ADAM + ["--train-iters", "6", "--exit-after-iters", "3",
+                                             "--save", str(tmp_path / "c"), "--save-interval", "3"])
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    r = _run(COMMON + GROUP_STEP_ADAM + ["--train-iters", "6", "--load", str(tmp_path / "c"),
+                                         "--metrics-file", str(tmp_path / "m.jsonl")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    _same(_metrics(tmp_path / "m.jsonl"), _metrics(tmp_path / "ref.jsonl")[3:])
+
+
 def _dist_opt_sd(step):
     """The shape of megatron-core 0.19.2's ``DistributedOptimizer.state_dict()`` (no torch "state":
     the Adam step sits in every parameter group, the moments in "param_state"), as the checkpoint
@@ -357,11 +382,13 @@ def _dist_opt_sd(step):
             "param_state": {}, "param_state_sharding_type": "fully_reshardable"}
 
 
-def test_the_adam_step_is_read_and_restored_in_both_optimizer_formats():
+def test_the_adam_step_is_read_and_restored_in_every_optimizer_format():
     """Issue 18, the distributed optimizer on <-> off: found on the GPU machine, where saving or
     loading with --use-distributed-optimizer raised KeyError 'state' (the step was looked up where
-    only the plain optimizer keeps it). Both formats, and the step carried from one to the other."""
+    only the plain optimizer keeps it), and with TE installed, whose FusedAdam keeps the step in the
+    parameter groups of the plain optimizer too. Every format, and the step carried between them."""
     import torch
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
 
     from multimodal_dev.optimizer_state import optimizer_parts, optimizer_step, set_step
 
@@ -369,19 +396,55 @@ def test_the_adam_step_is_read_and_restored_in_both_optimizer_formats():
     assert float(optimizer_step(optimizer_parts(plain))) == 3.0
     chained = {0: _dist_opt_sd(3.0), 1: _dist_opt_sd(3.0)}
     assert optimizer_step(optimizer_parts(chained)) == 3.0
+    # the plain optimizer over TE's FusedAdam: no common step, an int in the groups that have
+    # parameters (an empty group's step may lag behind: TE < 2.20 did not advance it)
+    fused = {"optimizer": {"state": {0: {}}, "param_groups": [
+        {"lr": 1e-3, "step": 3, "params": LocalNonpersistentObject([0])},
+        {"lr": 1e-3, "step": 1, "params": LocalNonpersistentObject([])}]}}
+    assert optimizer_step(optimizer_parts(fused)) == 3
+    fused["optimizer"]["param_groups"][1]["params"] = LocalNonpersistentObject([1])
+    with pytest.raises(ValueError, match="differs between its parameter groups"):
+        optimizer_step(optimizer_parts(fused))
     # off -> on: the plain optimizer's tensor step goes into every group of the distributed one
     for part in optimizer_parts(chained):
         part["optimizer"]["param_groups"][0]["step"] = None
-    set_step(optimizer_parts(chained), torch.tensor(5.0))
+    set_step(optimizer_parts(chained), torch.tensor(5.0), ["groups_float"] * 2)
     assert [g["step"] for p in optimizer_parts(chained) for g in p["optimizer"]["param_groups"]] == [5.0] * 4
-    te = {0: _dist_opt_sd(3)}  # with TE's FusedAdam megatron keeps the groups' step as an int
-    set_step(optimizer_parts(te), torch.tensor(5.0))
+    te = {0: {"optimizer": {"param_groups": [{"lr": 1e-3}, {"lr": 1e-3}]}}}  # TE's, before its first step
+    set_step(optimizer_parts(te), torch.tensor(5.0), ["groups_int"])
+    assert [g["step"] for g in te[0]["optimizer"]["param_groups"]] == [5, 5]
     assert [type(g["step"]) for g in te[0]["optimizer"]["param_groups"]] == [int, int]
-    # on -> off: the distributed optimizer's float step becomes the plain one's common step
-    set_step(optimizer_parts(plain), 5.0)
+    # on -> off: the distributed optimizer's float step becomes the plain one's common step, or
+    # with TE the plain one's group step (a per-parameter step is what TE's load refuses)
+    set_step(optimizer_parts(plain), 5.0, ["common_step"])
     assert torch.equal(plain["optimizer"]["state"]["common_step"], torch.tensor(5.0))
-    set_step(optimizer_parts(plain), None)  # a checkpoint saved before any step
+    fused = {"optimizer": {"state": {0: {}}, "param_groups": [{"lr": 1e-3}]}}
+    set_step(optimizer_parts(fused), 5.0, ["groups_int"])
+    assert fused["optimizer"]["param_groups"] == [{"lr": 1e-3, "step": 5}] and "common_step" not in fused["optimizer"]["state"]
+    set_step(optimizer_parts(plain), None, ["common_step"])  # a checkpoint saved before any step
     assert "common_step" not in plain["optimizer"]["state"]
+
+
+def test_where_each_optimizer_keeps_its_step():
+    """``step_place`` for the optimizers megatron builds: torch's Adam(W) under the plain optimizer
+    and the distributed one, and any other (TE's/apex's FusedAdam) under either."""
+    import torch
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from multimodal_dev.optimizer_state import step_place
+
+    class Wrapped:  # what megatron's optimizer classes hold: the torch optimizer as .optimizer
+        def __init__(self, inner):
+            self.optimizer = inner
+
+    class Distributed(Wrapped, DistributedOptimizer):
+        pass
+
+    adamw = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    assert step_place(Wrapped(adamw)) == "common_step"
+    assert step_place(Distributed(adamw)) == "groups_float"
+    assert step_place(Wrapped(other)) == step_place(Distributed(other)) == "groups_int"
 
 
 def test_main_parameters_are_found_under_the_key_the_other_optimizer_stored_them():
