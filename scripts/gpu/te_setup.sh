@@ -18,7 +18,8 @@ python3 -m zipfile -e "$core" "$T"
 python3 -m zipfile -e .tewhl/transformer_engine-2.20.2-py3-none-any.whl "$T"
 ls .tewhl/*.whl | grep -v -e transformer_engine -e transformer-engine | \
   xargs python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site
-export PYTHONPATH=$T:$PYTHONPATH
+# /tmp/site: the small wheels above (pydantic ...) -- also when run, not sourced (run_steps.sh)
+export PYTHONPATH=$T:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 if compgen -G ".tewhl/transformer_engine_torch-*.whl.part*" > /dev/null; then
   cat .tewhl/transformer_engine_torch-*.whl.part* > /tmp/te_torch.whl
 elif compgen -G ".tewhl/transformer_engine_torch-*.whl" > /dev/null; then
