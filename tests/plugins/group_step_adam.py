@@ -9,7 +9,8 @@ megatron-core 0.19.2 builds whenever TE is importable (``megatron/core/optimizer
   a per-parameter ``state["step"]`` as in torch's Adam -- so megatron's plain optimizer stores no
   ``common_step`` for it;
 * the per-parameter state is ``exp_avg`` / ``exp_avg_sq`` only, and ``load_state_dict`` refuses any
-  other name with ``KeyError(name)`` (TE looks each name up in its dtype map).
+  other name with ``KeyError(name)`` (TE looks each name up in its dtype map);
+* the step must be an int (TE's kernel takes one): a float step raises ``TypeError`` here.
 
 The update is AdamW's (``adam_w_mode``, megatron's default) in fp32, so runs with it train as with
 torch's AdamW; TE's kernel itself is not modelled.
@@ -34,7 +35,10 @@ class GroupStepAdam(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            group["step"] = group.get("step", 0) + 1  # TE advances it for empty groups too
+            step = group.get("step", 0)
+            if type(step) is not int:  # TE's multi_tensor_adam kernel takes the step as an int
+                raise TypeError(f"group_step_adam: a parameter group's step is {step!r}, not an int")
+            group["step"] = step + 1  # TE advances it for empty groups too
             beta1, beta2 = group["betas"]
             t = group["step"]
             c1, c2 = (1 - beta1 ** t, 1 - beta2 ** t) if group["bias_correction"] else (1.0, 1.0)
