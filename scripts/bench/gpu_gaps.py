@@ -6,7 +6,8 @@ heuristics or cuDNN plans for their shapes).
 Usage: python scripts/bench/gpu_gaps.py VARIANT LAYOUT SEQ_LENGTH SAMPLES_PER_STEP OUT_DIR [STEPS [BENCH-FLAGS...]]
 e.g.   python scripts/bench/gpu_gaps.py proxy thd 4096 4 runs/prof 4   (writes OUT_DIR/trace_LAYOUT.json)
        python scripts/bench/gpu_gaps.py proxy-hybrid thd 2048 4 runs/prof 4 --min-tokens 2048 --max-tokens 2048 --image-prob 0
-BENCH-FLAGS are train_throughput.py's (the data mix, --megatron-args, ...).
+BENCH-FLAGS are train_throughput.py's (the data mix, --megatron-args, --cuda-graph-layers for the graphed THD
+step as the bench times it, ...).
 """
 import sys, os, json, collections, time
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

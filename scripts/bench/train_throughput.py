@@ -454,11 +454,20 @@ def one_microbatch(fb, ddp, margs, batch: dict, layout: str, forward_only: bool 
 def build_ours(args, layout: str, row_multiple: int = 1, sample_multiple: int = 1):
     """For the scripts that study our trainer alone (profiling, op census, graph check): the megatron
     arguments of ``args`` (initialised), the steps' batches of ``layout`` on the device, and
-    ``training.build_model_and_optimizer``'s ``(ddp, model, optimizer, scheduler, layer_graphs)``."""
+    ``training.build_model_and_optimizer``'s ``(ddp, model, optimizer, scheduler, layer_graphs)``.
+    With the bench's ``--cuda-graph-layers`` the step is ours-thd's as ``main`` times it: the layers
+    graphed, the rows and samples padded as the trainer resolves its flags (the multiples given
+    here are then ignored)."""
     from multimodal_dev import training
     from multimodal_dev.models.qwen35_vl.variants import get_variant
 
     margs = megatron_args(args, layout)
+    if getattr(args, "cuda_graph_layers", False):
+        if layout != "thd":
+            raise SystemExit("--cuda-graph-layers graphs the THD step only")
+        resolve_thd_padding(args)
+        margs = _run_margs(args, margs)
+        row_multiple, sample_multiple = args.thd_row_multiple, args.thd_sample_multiple
     args.seq_multiple = margs.layout.seq_multiple
     training.initialize(margs)
     samples, provider, _ = make_samples(get_variant(args.variant), args)

@@ -11,6 +11,7 @@
 #            padded to 1,024: few packed lengths, so few of fla's recompilations), two passes of the
 #            same steps, the second the steady state (issue 16's goal: THD >= 1.5x BSHD)
 #   profile  where the eager hybrid step waits (gpu_gaps.py; the trace stays out of $OUT)
+#   gprofile the same for the step with --cuda-graph-layers (our fastest; where the 2x of issue 16 went)
 #   pack     the Triton cache into $OUT (scripts/gpu/triton_cache.sh), to carry to the next lease
 # One GPU-machine call runs at most 10 minutes, and a fresh machine spends 4-6 of them compiling fla's
 # kernels unless a Triton cache was carried: give each call a few steps, and end the lease with `pack`.
@@ -37,7 +38,10 @@ for step in ${@:-tests check bench graphs mix profile pack}; do
     profile) timeout "$S" python3 scripts/bench/gpu_gaps.py proxy-hybrid thd 2048 4 /tmp/prof 4 --no-gemm-check \
              --min-tokens 2048 --max-tokens 2048 --image-prob 0 > "$O/gpu_gaps_hybrid.txt" 2>&1
            grep -A14 "steps: wall" "$O/gpu_gaps_hybrid.txt" | cut -c1-200 ;;
+    gprofile) timeout "$S" python3 scripts/bench/gpu_gaps.py proxy-hybrid thd 2048 4 /tmp/gprof 4 --no-gemm-check \
+                --min-tokens 2048 --max-tokens 2048 --image-prob 0 --cuda-graph-layers > "$O/gpu_gaps_hybrid_graphs.txt" 2>&1
+              grep -A14 "steps: wall" "$O/gpu_gaps_hybrid_graphs.txt" | cut -c1-200 ;;
     pack) bash scripts/gpu/triton_cache.sh pack ;;
-    *) echo "unknown step $step (tests check bench graphs mix profile pack)"; exit 2 ;;
+    *) echo "unknown step $step (tests check bench graphs mix profile gprofile pack)"; exit 2 ;;
   esac
 done

@@ -140,3 +140,39 @@ def test_the_bench_pads_thd_rows_as_the_trainer_resolves_its_flags():
         tt.resolve_thd_padding(args(thd_row_multiple=100, thd_sample_multiple=64))
     with pytest.raises(SystemExit, match=r"ours-thd: --thd-sample-multiple must be >= 1, got 0"):
         tt.resolve_thd_padding(args(thd_sample_multiple=0))
+
+
+_BUILD_GRAPHED = """
+import sys
+sys.path[:0] = [{root!r}, {root!r} + "/examples", {root!r} + "/scripts/bench"]
+import train_throughput as tt
+from megatron.mcore_ext import layer_graphs
+from multimodal_dev import training
+seen = []
+# on CPU: the flag check passes (graphs need a GPU) and no model is built; only the arguments matter
+layer_graphs.layout_problems = lambda **kw: []
+training.build_model_and_optimizer = lambda margs: seen.append(margs) or (None,) * 5
+args = tt.build_parser().parse_args(["--variant", "tiny", "--seq-length", "2048", "--samples-per-step", "2",
+                                     "--min-tokens", "100", "--max-tokens", "900", "--steps", "2", "--warmup", "0",
+                                     "--cuda-graph-layers"])
+margs, batches, _ = tt.build_ours(args, "thd")
+m = seen[0]
+rows = sorted({{int(b["tokens"].shape[-1]) % 1024 for b in batches}})
+samples = sorted({{int(x) % 64 for b in batches for x in b["cu_seqlens_padded"].view(-1).diff()}})
+print("RESULT", m.model.cuda_graph_layers, m.data.row_multiple, m.data.sample_multiple, rows, samples)
+"""
+
+
+def test_the_profiling_scripts_build_the_graphed_step_the_bench_times():
+    """gpu_gaps.py / op_census.py pass the bench's flags to ``build_ours``: with --cuda-graph-layers
+    the model they profile must have its layers graphed and its THD rows padded as the bench's
+    ours-thd (rows to 1,024, samples to 64: the trainer's defaults with graphs), or the profile is
+    of another step than the one timed."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-c", _BUILD_GRAPHED.format(root=str(ROOT))], capture_output=True, text=True,
+                       env=env, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")][-1]
+    assert line == "RESULT True 1024 64 [0] [0]", line
