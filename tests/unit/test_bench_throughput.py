@@ -97,19 +97,25 @@ print("ALIVE" if refs[0]() is not None else "FREED")
 """
 
 
+def _run_script(script: str, cwd) -> str:
+    """``script`` (formatted with the repository root) in a fresh single-process Python; its stdout."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-c", script.format(root=str(ROOT))], capture_output=True, text=True,
+                       env=env, timeout=600, cwd=cwd)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
 def test_a_model_the_bench_frees_is_gone_before_the_next_one_is_built(tmp_path):
     """The benches build several models in one process (ours, ours-te, HF; the student twice in
     distill_throughput.py): a model they drop must really be freed, or the next one's peak memory
     counts it. Found on the H200: 15 GiB stayed allocated after "freed" -- the sorted dispatcher
     kept its last probabilities with their autograd graph, which reaches every parameter's
     AccumulateGrad node and through DDP's hooks the whole model."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(k, None)
-    r = subprocess.run([sys.executable, "-c", _FREED.format(root=str(ROOT))], capture_output=True, text=True,
-                       env=env, timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert r.stdout.strip().splitlines()[-1] == "FREED", r.stdout[-2000:]
+    out = _run_script(_FREED, tmp_path)
+    assert out.strip().splitlines()[-1] == "FREED", out[-2000:]
 
 
 def test_the_bench_pads_thd_rows_as_the_trainer_resolves_its_flags():
@@ -168,11 +174,5 @@ def test_the_profiling_scripts_build_the_graphed_step_the_bench_times():
     the model they profile must have its layers graphed and its THD rows padded as the bench's
     ours-thd (rows to 1,024, samples to 64: the trainer's defaults with graphs), or the profile is
     of another step than the one timed."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(k, None)
-    r = subprocess.run([sys.executable, "-c", _BUILD_GRAPHED.format(root=str(ROOT))], capture_output=True, text=True,
-                       env=env, timeout=600, cwd=ROOT)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")][-1]
+    line = [ln for ln in _run_script(_BUILD_GRAPHED, ROOT).splitlines() if ln.startswith("RESULT")][-1]
     assert line == "RESULT True 1024 64 [0] [0]", line
