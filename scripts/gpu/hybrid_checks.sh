@@ -20,7 +20,7 @@ O=${OUT:-/tmp/out}; mkdir -p "$O"; S=${STEP_S:-420}
 q() { grep -E "^thd|^bshd|^\{|passed|failed|SKIPPED|Error|^ours|^hf|^best|ours/HF|cuda graphs|warm-up|^layer|differ|max " \
   | cut -c1-300 | tail -${1:-20}; }
 TXT="--variant proxy-hybrid --seq-length 2048 --samples-per-step 4 --min-tokens 2048 --max-tokens 2048 --image-prob 0 --no-gemm-check"
-for step in ${@:-tests check bench graphs mix profile pack}; do
+for step in ${@:-tests check bench graphs mix profile gprofile pack}; do
   echo "== $step"
   case $step in
     tests) timeout "$S" python3 -m pytest -q -s -rs tests/unit/test_gdn_gpu.py tests/unit/test_layer_graphs.py \

@@ -65,6 +65,7 @@ class GroupStepAdam(torch.optim.Optimizer):
                 raise KeyError(name)  # what TE's set_scaled_state raises for "step"
         super().load_state_dict(state_dict)
 
+
 mcore_optimizer.Adam = GroupStepAdam
 mcore_optimizer.USING_PYTORCH_OPTIMIZER = False
 print("group_step_adam: megatron's Adam is the FusedAdam-style CPU stand-in", flush=True)
