@@ -5,7 +5,7 @@ import dataclasses
 import functools
 from collections.abc import Iterable, Mapping
 
-__all__ = ["replace_modules", "contains_module", "local_spec", "te_spec", "LOCAL_SPEC_CONFIG"]
+__all__ = ["replace_modules", "contains_module", "local_spec", "te_spec", "te_norm_keys", "LOCAL_SPEC_CONFIG"]
 
 #: TransformerConfig settings the pure-PyTorch local spec needs wherever it runs: no fused kernels
 #: that exist only with apex / TE / CUDA extensions, weights initialised on the CPU generator.
@@ -77,11 +77,54 @@ def contains_module(spec, cls: type) -> bool:
     return walk(spec)
 
 
+def te_norm_keys(layer) -> dict:
+    """The norms' part of a local layer's ``sharded_state_dict_keys_map`` (``layer``: its
+    ``TransformerLayerSubmodules``): each norm stored under the key megatron's TE spec gives it, so
+    that one checkpoint resumes on either backend. TE fuses a norm into the column-parallel linear
+    after it -- the input norm into attention's ``linear_qkv`` or Gated DeltaNet's ``in_proj``, the
+    pre-MLP norm into a dense MLP's ``linear_fc1`` -- and keeps a MoE layer's pre-MLP norm as a
+    module of its own (``gpt_layer_specs.get_gpt_layer_with_transformer_engine_submodules``).
+    Megatron's local spec maps the input norm to ``linear_qkv`` in every layer (a Gated DeltaNet
+    layer has none) and the pre-MLP norm to ``linear_fc1`` in MoE layers too (which have none)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    def submodules(spec):  # a ModuleSpec's, or a builder's (megatron's MLP: partial(MLP.as_mlp_submodule, ...))
+        if isinstance(spec, functools.partial):
+            return spec.keywords.get("submodules")
+        return getattr(spec, "submodules", None)
+
+    keys = {}
+    mixer = submodules(layer.self_attention)
+    first = next((n for n in ("linear_qkv", "in_proj") if hasattr(mixer, n)), None)
+    if first is not None:
+        keys["input_layernorm."] = f"self_attention.{first}.layer_norm_"
+    if not contains_module(layer.mlp, MoELayer) and hasattr(submodules(layer.mlp), "linear_fc1"):
+        keys["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+    return keys
+
+
+def _with_te_norm_keys(spec):
+    """``spec`` (a block's or a layer's) with every transformer layer's norm keys from ``te_norm_keys``."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
+
+    if isinstance(spec, TransformerLayerSubmodules):
+        kept = {k: v for k, v in spec.sharded_state_dict_keys_map.items()
+                if k not in ("input_layernorm.", "pre_mlp_layernorm.")}
+        return dataclasses.replace(spec, sharded_state_dict_keys_map={**kept, **te_norm_keys(spec)})
+    if isinstance(spec, ModuleSpec):
+        return dataclasses.replace(spec, submodules=_with_te_norm_keys(spec.submodules))
+    if hasattr(spec, "layer_specs"):  # TransformerBlockSubmodules
+        return dataclasses.replace(spec, layer_specs=[_with_te_norm_keys(layer) for layer in spec.layer_specs])
+    return spec
+
+
 def local_spec(spec):
     """Our pure-PyTorch pieces in a megatron-core local spec: SP-capable norms, THD/CP attention,
     and self-attention that rotates packed (THD) queries and keys in one pass (``packed_rope``).
     A stage without full-attention layers (a pipeline stage of Gated DeltaNet layers) has no
-    attention to swap."""
+    attention to swap. The norms are stored where the TE spec keeps them (``te_norm_keys``), so a
+    checkpoint of either backend resumes in the other."""
     from megatron.core.transformer.attention import SelfAttention
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -103,7 +146,7 @@ def local_spec(spec):
         optional.add(FusedLayerNorm)  # only where apex would be used for LayerNorm
     except Exception:  # not importable without apex in some builds: nothing to replace then
         pass
-    return replace_modules(spec, mapping, optional=optional)
+    return _with_te_norm_keys(replace_modules(spec, mapping, optional=optional))
 
 
 def te_spec(spec):

@@ -200,3 +200,40 @@ def test_any_layer_pattern_builds_and_converts():
     pattern = ["full_attention", "linear_attention", "full_attention", "linear_attention"]
     kinds, exact = run_distributed(_other_pattern_round_trip, 1, args=(pattern,))[0]
     assert kinds == ["PackedRopeSelfAttention", "KernelGatedDeltaNet"] * 2 and exact
+
+
+def _norm_keys_per_layer():
+    import dataclasses
+
+    from multimodal_dev.models import BuildOptions
+    from multimodal_dev.models.qwen35_vl.configuration import configs_for_variant
+    from multimodal_dev.models.qwen35_vl.model import build_from_configs
+
+    text, vision, tokens = configs_for_variant(VARIANT)
+    text = dataclasses.replace(text, layer_types=["linear_attention", "full_attention"] * 2,
+                               moe_layer_pattern=[1, 0, 0, 1], intermediate_size=64)
+    model = build_from_configs(text, vision, tokens, BuildOptions())
+    # the key each tensor is stored under (the layer's keys map renames ``ShardedTensor.key``)
+    return [sorted(t.key for t in layer.sharded_state_dict(prefix="").values() if "norm" in t.key
+                   and "_extra_state" not in t.key) for layer in model.decoder_layers()]
+
+
+def test_the_local_backend_stores_each_norm_where_the_te_backend_keeps_it():
+    """A checkpoint moves between ``--transformer-impl local`` and ``transformer_engine`` only when
+    both store a layer's norms under one key. Where megatron's TE spec keeps them (its source,
+    ``gpt_layer_specs.get_gpt_layer_with_transformer_engine_submodules``, and our GDN layer's TE
+    branch, ``models/spec._gdn_attention``): the input norm fused into the first linear of the token
+    mixer (attention's ``linear_qkv``, Gated DeltaNet's ``in_proj``), the pre-MLP norm fused into a
+    dense MLP's ``linear_fc1``, and a MoE layer's pre-MLP norm on its own (``pre_mlp_layernorm``).
+    Megatron's local spec maps the input norm to ``linear_qkv`` in every layer and the pre-MLP norm
+    to ``linear_fc1`` in MoE layers too, which a TE run cannot find (seen on the GPU: the resume
+    across backends failed with a missing key)."""
+    keys = run_distributed(_norm_keys_per_layer, 1)[0]
+    qk = ["self_attention.k_layernorm.weight", "self_attention.q_layernorm.weight"]
+    gdn_out = "self_attention.out_norm.weight"  # GDN's gated output norm: a module of its own in both
+    assert keys == [
+        ["pre_mlp_layernorm.weight", "self_attention.in_proj.layer_norm_weight", gdn_out],  # GDN, MoE
+        ["mlp.linear_fc1.layer_norm_weight", qk[0], "self_attention.linear_qkv.layer_norm_weight", qk[1]],  # attention, dense
+        ["mlp.linear_fc1.layer_norm_weight", "self_attention.in_proj.layer_norm_weight", gdn_out],  # GDN, dense
+        ["pre_mlp_layernorm.weight", qk[0], "self_attention.linear_qkv.layer_norm_weight", qk[1]],  # attention, MoE
+    ]
