@@ -24,7 +24,9 @@ The optimizer is stored in a layout-free form (format 2): its state tensors unde
 parameters' sharded keys (no ``chained_i.`` prefix, which depends on how many optimizers megatron
 chains: one with EP=1, two with EP>1) and the shared Adam step; the parameter groups come from the
 run that loads (their learning rate and weight decay are the scheduler's anyway; ``optimizer_state``). So TP, EP, PP, DP
-and CP can all change between save and load.
+and CP can all change between save and load. Since format 3 the backend can change too: both store
+the norms under the TE spec's keys (``mcore_ext.spec.te_norm_keys``), and what only TE's modules
+keep (their extra state) starts empty when a checkpoint lacks it (``checkpoint_keys``).
 
 A weights-only checkpoint (``save_checkpoint(..., optimizer=None)``: ``scripts/convert_hf.py
 import``) holds the model and the settings only; ``--load`` starts a run from it at iteration 0.
@@ -58,6 +60,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.mcore_ext import fallbacks
 
 from multimodal_dev import checkpoint_trust
+from multimodal_dev.checkpoint_keys import check_model_keys, restore_fresh_extra_states
 from multimodal_dev.optimizer_state import (find_main_parameters, optimizer_parts, optimizer_step, restore_optimizer,
                                             shard_place, tensor_leaves)
 from multimodal_dev.checkpoint_checks import (CheckpointError, check_resolved, check_scheduler, check_settings,
@@ -70,7 +73,9 @@ log = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 COMPLETE = "COMPLETE"
-FORMAT = 2  # the optimizer's layout-free form (module docstring); 1: megatron's own, same layout only
+# 2: the optimizer's layout-free form (module docstring; 1: megatron's own, same layout only, refused);
+# 3: the local backend's norms under the TE backend's keys (``mcore_ext.spec.te_norm_keys``)
+FORMAT = 3
 # the optimizer's sharded-state options: the same tensor keys whatever the number of chained optimizers
 _OPTIMIZER_METADATA = {"chained_optim_avoid_prefix": True, "distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -323,17 +328,20 @@ def open_checkpoint(root: str, *, schedule: dict, scheduler_policy: str = "refus
         check_scheduler(common["scheduler"], schedule, scheduler_policy, path)
     if settings is not None:
         check_settings(common.get("args"), settings, path, resume=not common.get("weights_only"))
-    if common.get("format", 1) < FORMAT:
+    if common.get("format", 1) < 2:
         raise CheckpointError(f"--load {path}: written in checkpoint format {common.get('format', 1)} (before the "
-                              f"layout-free optimizer state of format {FORMAT}); resume it with the commit that wrote it")
+                              "layout-free optimizer state of format 2); resume it with the commit that wrote it")
     return Checkpoint(path, it, common)
 
 
 def load_weights(ckpt: Checkpoint, model) -> int:
     """The model's weights only, from any checkpoint (collective); returns 0: a run that starts
     from them starts at iteration 0 with a fresh optimizer, schedule and data order."""
+    template = {"model": model.sharded_state_dict()}
+    fresh = check_model_keys(template["model"], _stored(ckpt.path), ckpt.path, ckpt.common.get("format", 1))
     with _quiet_dcp():
-        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt.path)
+        loaded = dist_checkpointing.load(template, ckpt.path)
+    restore_fresh_extra_states(loaded["model"], fresh)
     model.load_state_dict(loaded["model"])
     if dist.get_rank() == 0:
         log.info("started from the weights of %s (%s): iteration 0, a fresh optimizer", ckpt.path,
@@ -341,14 +349,21 @@ def load_weights(ckpt: Checkpoint, model) -> int:
     return 0
 
 
-def _main_parameters(template: dict, path: str) -> dict:
+def _stored(path: str) -> dict:
+    """What the checkpoint holds (read from its metadata): tensors by key, objects by unique key."""
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    with _quiet_dcp():
+        return load_sharded_metadata(path)
+
+
+def _main_parameters(template: dict, path: str, stored: Optional[dict] = None) -> dict:
     """The optimizer's fp32 main parameters under the key the saving optimizer used
     (``optimizer_state.find_main_parameters``); those to take from the stored model weights are
     dropped from the template and returned as ``{position: (path in the model state dict, model
     key, the main parameter's leaf)}`` (found before the load, which turns the template's leaves
-    into tensors)."""
-    with _quiet_dcp():
-        stored = dist_checkpointing.load_tensors_metadata(path)
+    into tensors). ``stored``: ``_stored(path)`` when the caller has read it already."""
+    stored = _stored(path) if stored is None else stored
     tensors = template["optimizer"]["tensors"]
     from_model = find_main_parameters([tensors[str(i)] for i in range(len(tensors))], stored)
     if not from_model:
@@ -415,10 +430,13 @@ def load_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, restore_rank_
     template, structure = _sharded_state(
         model, optimizer, scheduler, it, {}, {} if (same_world and restore_rank_state) else None, loading=True
     )
-    from_model = _main_parameters(template, path)
+    stored = _stored(path)
+    fresh = check_model_keys(template["model"], stored, path, common.get("format", 1))
+    from_model = _main_parameters(template, path, stored)
     with _quiet_dcp():
         loaded = dist_checkpointing.load(template, path)
     _main_parameters_from_weights(loaded, from_model, path)
+    restore_fresh_extra_states(loaded["model"], fresh)
     model.load_state_dict(loaded["model"])
     restore_optimizer(optimizer, structure, loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
