@@ -359,21 +359,25 @@ def _te() -> bool:
 
 
 @pytest.mark.skipif(not _te(), reason="needs a GPU with Transformer Engine installed (an optional accelerator)")
+@pytest.mark.parametrize("variant", ["tiny", "tiny-hybrid"])
 @pytest.mark.parametrize("first, second", [("local", "transformer_engine"), ("transformer_engine", "local")],
                          ids=["local_to_te", "te_to_local"])
-def test_a_checkpoint_resumes_across_the_transformer_impl(tmp_path, first, second):
-    """A run moved between a machine without TE and one with it: megatron's local spec stores its
-    norms under the TE spec's fused keys (``sharded_state_dict_keys_map``), so the checkpoint of
-    either backend resumes in the other and continues the loss curve -- up to the two backends'
-    own difference (TE against local over 30 iterations: <= 2.4e-4 relative, docs/performance.md)."""
+def test_a_checkpoint_resumes_across_the_transformer_impl(tmp_path, first, second, variant):
+    """A run moved between a machine without TE and one with it: the local spec stores its norms
+    under the TE spec's keys (``mcore_ext.spec.te_norm_keys``; MoE and Gated DeltaNet layers
+    included: ``tiny-hybrid``) and TE's norms' extra states, which a local checkpoint lacks, start
+    empty (``checkpoint_keys``), so the checkpoint of either backend resumes in the other and
+    continues the loss curve -- up to the two backends' own difference (TE against local over 30
+    iterations: <= 2.4e-4 relative, docs/performance.md)."""
+    args = [a if a != "tiny" else variant for a in COMMON]
     impl = lambda name: ["--transformer-impl", name]  # noqa: E731
-    ref = _run(COMMON + impl(first) + ["--train-iters", "6", "--metrics-file", str(tmp_path / "ref.jsonl")])
+    ref = _run(args + impl(first) + ["--train-iters", "6", "--metrics-file", str(tmp_path / "ref.jsonl")])
     assert ref.returncode == 0, ref.stderr[-3000:]
-    saved = _run(COMMON + impl(first) + ["--train-iters", "6", "--exit-after-iters", "3",
-                                         "--save", str(tmp_path / "c"), "--save-interval", "3"])
+    saved = _run(args + impl(first) + ["--train-iters", "6", "--exit-after-iters", "3",
+                                       "--save", str(tmp_path / "c"), "--save-interval", "3"])
     assert saved.returncode == 0, saved.stderr[-3000:]
-    r = _run(COMMON + impl(second) + ["--train-iters", "6", "--load", str(tmp_path / "c"),
-                                      "--metrics-file", str(tmp_path / "m.jsonl")])
+    r = _run(args + impl(second) + ["--train-iters", "6", "--load", str(tmp_path / "c"),
+                                    "--metrics-file", str(tmp_path / "m.jsonl")])
     assert r.returncode == 0, r.stderr[-3000:]
     _same(_metrics(tmp_path / "m.jsonl"), _metrics(tmp_path / "ref.jsonl")[3:], rel=2e-3)
 
