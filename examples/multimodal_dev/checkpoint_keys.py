@@ -7,6 +7,12 @@ error: Transformer Engine's modules keep an ``_extra_state`` (their FP8 scaling 
 tensor in a bf16 run), which TE's norms have and megatron's local norms do not, so a checkpoint
 written without TE lacks it. Those entries are dropped from the template and loaded as ``None``,
 which TE reads as "no saved state" (``set_extra_state``), and their number is logged.
+
+Checkpoints of format 2 written by the local backend stored two norms under megatron's local keys,
+not TE's (``mcore_ext.spec.te_norm_keys`` changed that in format 3): a MoE layer's pre-MLP norm under
+``mlp.linear_fc1.layer_norm_``, a Gated DeltaNet layer's input norm under ``linear_qkv``'s.
+``read_format2_local_keys`` points the template's leaves (the weights and their optimizer state)
+at those keys, so such a checkpoint still resumes.
 """
 from __future__ import annotations
 
@@ -17,29 +23,56 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 from multimodal_dev.checkpoint_checks import CheckpointError
 from multimodal_dev.optimizer_state import tensor_leaves
 
-__all__ = ["check_model_keys", "restore_fresh_extra_states"]
+__all__ = ["stored_metadata", "read_format2_local_keys", "check_model_keys", "restore_fresh_extra_states"]
 
 log = logging.getLogger(__name__)
 
 _SHOWN = 6  # missing keys named in the error (then a count)
+# (format 3's key part, format 2's local backend's): megatron's local layer spec's keys map
+_FORMAT2_LOCAL_KEYS = ((".pre_mlp_layernorm.", ".mlp.linear_fc1.layer_norm_"),
+                       (".self_attention.in_proj.layer_norm_", ".self_attention.linear_qkv.layer_norm_"))
 
 
-def check_model_keys(model_template: dict, stored: dict, path: str, written_format: int) -> list:
+def stored_metadata(path: str) -> dict:
+    """What the checkpoint at ``path`` holds, from its metadata alone: tensors by key, objects by
+    unique key (``dist_checkpointing``'s ``load_sharded_metadata``)."""
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    return load_sharded_metadata(path)
+
+
+def read_format2_local_keys(template: dict, stored: dict, path: str, written_format: int) -> int:
+    """In a checkpoint before format 3, read every leaf of ``template`` (model and optimizer) whose
+    key is not stored from the key the local backend used then, where that is stored (``leaf.key``
+    renamed in place). Returns how many were renamed (logged)."""
+    if written_format >= 3:
+        return 0
+    renamed = 0
+    for _, leaf in tensor_leaves(template):
+        key = getattr(leaf, "key", None)
+        if not isinstance(key, str) or key in stored:
+            continue
+        old = next((key.replace(new, was) for new, was in _FORMAT2_LOCAL_KEYS if new in key), None)
+        if old is not None and old in stored:
+            leaf.key, renamed = old, renamed + 1
+    if renamed:
+        log.info("%s: written in format %d by the local backend: %d norm tensors read from its former keys",
+                 path, written_format, renamed)
+    return renamed
+
+
+def check_model_keys(model_template: dict, stored: dict, path: str) -> list:
     """Raise ``CheckpointError`` when a model tensor of ``model_template`` (the loading model's
     sharded state dict) is not in ``stored`` (``dist_checkpointing.load_sharded_metadata``: tensors
     by key, objects by unique key); drop from the template, in place, every TE ``_extra_state``
-    object the checkpoint lacks and return their paths (for ``restore_fresh_extra_states``).
-    ``written_format``: the checkpoint's format (``checkpointing.FORMAT``), for the hint."""
+    object the checkpoint lacks and return their paths (for ``restore_fresh_extra_states``)."""
     leaves = list(tensor_leaves(model_template))
     missing = sorted({leaf.key for _, leaf in leaves if isinstance(leaf, ShardedTensor) and leaf.key not in stored})
     if missing:
         shown = ", ".join(missing[:_SHOWN]) + (f" and {len(missing) - _SHOWN} more" if len(missing) > _SHOWN else "")
-        hint = ("it was written with another model or layer pattern (compare the flags it was saved with), or "
-                "before format 3, when --transformer-impl local stored the norms of MoE and Gated DeltaNet layers "
-                "under other keys (resume it with the commit that wrote it)" if written_format < 3 else
-                "it was written with another model or layer pattern (compare the flags it was saved with)")
         raise CheckpointError(f"--load {path}: {len(missing)} weight(s) of this model are not in the checkpoint: "
-                              f"{shown}; {hint}")
+                              f"{shown}; it was written with another model or layer pattern (compare the flags "
+                              "it was saved with)")
     fresh = [p for p, leaf in leaves if isinstance(leaf, ShardedObject) and leaf.key.endswith("_extra_state")
              and leaf.unique_key not in stored]
     for p in fresh:

@@ -26,7 +26,8 @@ chains: one with EP=1, two with EP>1) and the shared Adam step; the parameter gr
 run that loads (their learning rate and weight decay are the scheduler's anyway; ``optimizer_state``). So TP, EP, PP, DP
 and CP can all change between save and load. Since format 3 the backend can change too: both store
 the norms under the TE spec's keys (``mcore_ext.spec.te_norm_keys``), and what only TE's modules
-keep (their extra state) starts empty when a checkpoint lacks it (``checkpoint_keys``).
+keep (their extra state) starts empty when a checkpoint lacks it (``checkpoint_keys``, which also
+reads format 2's local norm keys).
 
 A weights-only checkpoint (``save_checkpoint(..., optimizer=None)``: ``scripts/convert_hf.py
 import``) holds the model and the settings only; ``--load`` starts a run from it at iteration 0.
@@ -60,7 +61,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.mcore_ext import fallbacks
 
 from multimodal_dev import checkpoint_trust
-from multimodal_dev.checkpoint_keys import check_model_keys, restore_fresh_extra_states
+from multimodal_dev.checkpoint_keys import (check_model_keys, read_format2_local_keys, restore_fresh_extra_states,
+                                            stored_metadata)
 from multimodal_dev.optimizer_state import (find_main_parameters, optimizer_parts, optimizer_step, restore_optimizer,
                                             shard_place, tensor_leaves)
 from multimodal_dev.checkpoint_checks import (CheckpointError, check_resolved, check_scheduler, check_settings,
@@ -337,8 +339,9 @@ def open_checkpoint(root: str, *, schedule: dict, scheduler_policy: str = "refus
 def load_weights(ckpt: Checkpoint, model) -> int:
     """The model's weights only, from any checkpoint (collective); returns 0: a run that starts
     from them starts at iteration 0 with a fresh optimizer, schedule and data order."""
-    template = {"model": model.sharded_state_dict()}
-    fresh = check_model_keys(template["model"], _stored(ckpt.path), ckpt.path, ckpt.common.get("format", 1))
+    template, stored = {"model": model.sharded_state_dict()}, stored_metadata(ckpt.path)
+    read_format2_local_keys(template, stored, ckpt.path, ckpt.common.get("format", 1))
+    fresh = check_model_keys(template["model"], stored, ckpt.path)
     with _quiet_dcp():
         loaded = dist_checkpointing.load(template, ckpt.path)
     restore_fresh_extra_states(loaded["model"], fresh)
@@ -349,21 +352,13 @@ def load_weights(ckpt: Checkpoint, model) -> int:
     return 0
 
 
-def _stored(path: str) -> dict:
-    """What the checkpoint holds (read from its metadata): tensors by key, objects by unique key."""
-    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
-
-    with _quiet_dcp():
-        return load_sharded_metadata(path)
-
-
 def _main_parameters(template: dict, path: str, stored: Optional[dict] = None) -> dict:
     """The optimizer's fp32 main parameters under the key the saving optimizer used
     (``optimizer_state.find_main_parameters``); those to take from the stored model weights are
     dropped from the template and returned as ``{position: (path in the model state dict, model
     key, the main parameter's leaf)}`` (found before the load, which turns the template's leaves
-    into tensors). ``stored``: ``_stored(path)`` when the caller has read it already."""
-    stored = _stored(path) if stored is None else stored
+    into tensors). ``stored``: ``stored_metadata(path)`` when the caller has read it already."""
+    stored = stored_metadata(path) if stored is None else stored
     tensors = template["optimizer"]["tensors"]
     from_model = find_main_parameters([tensors[str(i)] for i in range(len(tensors))], stored)
     if not from_model:
@@ -430,8 +425,9 @@ def load_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, restore_rank_
     template, structure = _sharded_state(
         model, optimizer, scheduler, it, {}, {} if (same_world and restore_rank_state) else None, loading=True
     )
-    stored = _stored(path)
-    fresh = check_model_keys(template["model"], stored, path, common.get("format", 1))
+    stored = stored_metadata(path)
+    read_format2_local_keys(template, stored, path, common.get("format", 1))
+    fresh = check_model_keys(template["model"], stored, path)
     from_model = _main_parameters(template, path, stored)
     with _quiet_dcp():
         loaded = dist_checkpointing.load(template, path)

@@ -47,8 +47,8 @@ def _save_then_load(tmp, saved_cls, loading_cls, rename=None):
 
     from megatron.core import dist_checkpointing
 
-    from multimodal_dev.checkpoint_keys import check_model_keys, restore_fresh_extra_states
-    from multimodal_dev.checkpointing import CheckpointError, _in_process_results_queue, _stored
+    from multimodal_dev.checkpoint_keys import check_model_keys, restore_fresh_extra_states, stored_metadata
+    from multimodal_dev.checkpointing import CheckpointError, _in_process_results_queue
 
     _in_process_results_queue()  # as the trainer's saves (no queue server process)
     os.makedirs(tmp)
@@ -56,7 +56,7 @@ def _save_then_load(tmp, saved_cls, loading_cls, rename=None):
     saved = _layer(saved_cls)
     torch.manual_seed(1)  # the loading model's own init differs: equal weights mean loaded ones
     dist_checkpointing.save({"model": _flat(_sharded(saved))}, tmp)
-    stored = _stored(tmp)
+    stored = stored_metadata(tmp)
     loading = _layer(loading_cls)
     template = {"model": _flat(_sharded(loading))}
     if rename:
@@ -67,7 +67,7 @@ def _save_then_load(tmp, saved_cls, loading_cls, rename=None):
     logging.getLogger("multimodal_dev.checkpoint_keys").addHandler(handler)
     logging.getLogger("multimodal_dev.checkpoint_keys").setLevel(logging.INFO)
     try:
-        fresh = check_model_keys(template["model"], stored, tmp, written_format=3)
+        fresh = check_model_keys(template["model"], stored, tmp)
     except CheckpointError as e:
         return {"error": str(e)}
     loaded = dist_checkpointing.load(template, tmp)
@@ -100,16 +100,3 @@ def test_a_weight_the_checkpoint_lacks_is_named(tmp_path):
                           kwargs={"rename": "layer.mlp.linear_fc1.layer_norm_weight"})[0]
     assert "1 weight(s) of this model are not in the checkpoint: layer.mlp.linear_fc1.layer_norm_weight" in out["error"]
     assert "layer.proj.weight" not in out["error"]
-
-
-@pytest.mark.parametrize("written_format, hinted", [(2, True), (3, False)])
-def test_the_hint_names_the_format_3_change_only_for_older_checkpoints(written_format, hinted):
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    from multimodal_dev.checkpoint_keys import check_model_keys
-    from multimodal_dev.checkpointing import CheckpointError
-
-    template = {"w": ShardedTensor.from_rank_offsets("layer.pre_mlp_layernorm.weight", torch.zeros(2), replica_id=0)}
-    with pytest.raises(CheckpointError) as e:
-        check_model_keys(template, {}, "/ck", written_format)
-    assert ("before format 3" in str(e.value)) == hinted

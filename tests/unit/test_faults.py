@@ -382,6 +382,26 @@ def test_a_checkpoint_resumes_across_the_transformer_impl(tmp_path, first, secon
     _same(_metrics(tmp_path / "m.jsonl"), _metrics(tmp_path / "ref.jsonl")[3:], rel=2e-3)
 
 
+FORMAT2_LOCAL_KEYS = ["--plugin", str(ROOT / "tests" / "plugins" / "format2_local_keys.py")]
+
+
+def test_a_format_2_checkpoint_of_the_local_backend_still_resumes(tmp_path):
+    """Format 3 moved the local backend's MoE pre-MLP and Gated DeltaNet input norms to the TE
+    spec's keys; a checkpoint written before (tests/plugins/format2_local_keys.py: megatron's own
+    local keys, ``format: 2``) resumes with the weights and Adam moments of those norms read from
+    its keys, continuing the uninterrupted run's losses (hybrid: both renamed kinds)."""
+    args = [a if a != "tiny" else "tiny-hybrid" for a in COMMON]
+    ref = _run(args + ["--train-iters", "4", "--metrics-file", str(tmp_path / "ref.jsonl")])
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    saved = _run(args + FORMAT2_LOCAL_KEYS + ["--train-iters", "4", "--exit-after-iters", "2",
+                                              "--save", str(tmp_path / "c"), "--save-interval", "2"])
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    r = _run(args + ["--train-iters", "4", "--load", str(tmp_path / "c"), "--metrics-file", str(tmp_path / "m.jsonl")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "written in format 2 by the local backend" in r.stderr, r.stderr[-3000:]
+    _same(_metrics(tmp_path / "m.jsonl"), _metrics(tmp_path / "ref.jsonl")[2:])
+
+
 GROUP_STEP_ADAM = ["--plugin", str(ROOT / "tests" / "plugins" / "group_step_adam.py")]
 
 
