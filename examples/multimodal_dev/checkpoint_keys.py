@@ -21,7 +21,7 @@ import logging
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
 from multimodal_dev.checkpoint_checks import CheckpointError
-from multimodal_dev.optimizer_state import tensor_leaves
+from multimodal_dev.optimizer_state import MAIN_PREFIXES, tensor_leaves
 
 __all__ = ["stored_metadata", "read_format2_local_keys", "check_model_keys", "restore_fresh_extra_states"]
 
@@ -53,7 +53,12 @@ def read_format2_local_keys(template: dict, stored: dict, path: str, written_for
         if not isinstance(key, str) or key in stored:
             continue
         old = next((key.replace(new, was) for new, was in _FORMAT2_LOCAL_KEYS if new in key), None)
-        if old is not None and old in stored:
+        if old is None:
+            continue
+        # a main parameter stored by neither key is taken from the weight (find_main_parameters),
+        # which is then stored under the former key
+        main = next((p for p in MAIN_PREFIXES if old.startswith(p)), None)
+        if old in stored or (main is not None and old[len(main):] in stored):
             leaf.key, renamed = old, renamed + 1
     if renamed:
         log.info("%s: written in format %d by the local backend: %d norm tensors read from its former keys",

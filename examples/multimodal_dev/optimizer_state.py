@@ -19,7 +19,7 @@ import torch
 from megatron.core.dist_checkpointing.mapping import ShardedBase
 
 __all__ = ["tensor_leaves", "optimizer_parts", "optimizer_step", "step_place", "set_step", "restore_optimizer",
-           "find_main_parameters", "shard_place"]
+           "find_main_parameters", "shard_place", "MAIN_PREFIXES"]
 
 
 def tensor_leaves(tree, path=()):
@@ -116,7 +116,7 @@ def set_step(parts, step, places) -> None:
 #: where each optimizer stores the fp32 main parameter of model key K: the distributed one under
 #: ``optimizer.state.param.K``, the plain mixed-precision one under ``optimizer.state.fp32_param.K``;
 #: the plain fp32 one not at all (its main parameters are the model's weights, stored under K)
-_MAIN_PREFIXES = ("optimizer.state.param.", "optimizer.state.fp32_param.")
+MAIN_PREFIXES = ("optimizer.state.param.", "optimizer.state.fp32_param.")
 
 
 def find_main_parameters(leaves, stored: dict) -> dict:
@@ -134,11 +134,11 @@ def find_main_parameters(leaves, stored: dict) -> dict:
     from_model = {}
     for i, leaf in enumerate(leaves):
         key = getattr(leaf, "key", None)
-        prefix = next((p for p in _MAIN_PREFIXES if key and key.startswith(p)), None)
+        prefix = next((p for p in MAIN_PREFIXES if key and key.startswith(p)), None)
         if prefix is None or key in stored:
             continue
         model_key = key[len(prefix):]
-        other = next(p for p in _MAIN_PREFIXES if p != prefix) + model_key
+        other = next(p for p in MAIN_PREFIXES if p != prefix) + model_key
         if other in stored:
             leaf.key = other
             continue

@@ -100,3 +100,32 @@ def test_a_weight_the_checkpoint_lacks_is_named(tmp_path):
                           kwargs={"rename": "layer.mlp.linear_fc1.layer_norm_weight"})[0]
     assert "1 weight(s) of this model are not in the checkpoint: layer.mlp.linear_fc1.layer_norm_weight" in out["error"]
     assert "layer.proj.weight" not in out["error"]
+
+
+def test_format_2_local_keys_reach_every_leaf_that_names_the_norm():
+    """A format-2 local checkpoint (MoE pre-MLP norm under ``mlp.linear_fc1.layer_norm_``) loaded by
+    this code: the weight, its Adam moment, and -- when the loading run's distributed optimizer asks
+    for an fp32 main parameter the plain fp32 optimizer never stored -- the main parameter, which is
+    then taken from the weight under its former key (``optimizer_state.find_main_parameters``).
+    A format-3 checkpoint is read as it is."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from multimodal_dev.checkpoint_keys import read_format2_local_keys
+    from multimodal_dev.optimizer_state import find_main_parameters
+
+    new, old = "d.layers.0.pre_mlp_layernorm.weight", "d.layers.0.mlp.linear_fc1.layer_norm_weight"
+
+    def template():
+        leaf = lambda key: ShardedTensor.from_rank_offsets(key, torch.zeros(4), replica_id=0)  # noqa: E731
+        return {"model": {"n": leaf(new)}, "optimizer": {"tensors": {
+            "0": leaf("optimizer.state.param." + new), "1": leaf("optimizer.state.exp_avg." + new)}}}
+
+    stored = {k: ShardedTensor.from_rank_offsets(k, torch.zeros(4), replica_id=0)
+              for k in (old, "optimizer.state.exp_avg." + old)}
+    t = template()
+    assert read_format2_local_keys(t, stored, "/ck", written_format=2) == 3
+    assert t["model"]["n"].key == old and t["optimizer"]["tensors"]["1"].key == "optimizer.state.exp_avg." + old
+    tensors = t["optimizer"]["tensors"]
+    assert find_main_parameters([tensors["0"], tensors["1"]], stored) == {0: old}
+    t3 = template()
+    assert read_format2_local_keys(t3, stored, "/ck", written_format=3) == 0 and t3["model"]["n"].key == new
