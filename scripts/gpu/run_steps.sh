@@ -19,6 +19,9 @@
 # only 8 files come back per call, so when there are more the logs are put into one logs.tgz.
 # A whole lease (docs/performance.md): the carry calls of ../shared/tools/device-carry.sh, then e.g.
 #   bash scripts/gpu/run_steps.sh 590 distopt h:graphs h:tests pack
+# Start each call within 30 s of the last one's end: an idle machine is handed back, and the next
+# call then starts a bare one without what was carried and installed (seen: a profile taken without
+# fla). Read the logs after the lease's last call, not between calls.
 start=$SECONDS; deadline=${1:?usage: run_steps.sh DEADLINE_S ITEM...}; shift
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 setup() {  # $1: script, $2: log; run, not sourced, so that its failure is reported here
