@@ -4,9 +4,9 @@
 #   bash scripts/gpu/run_steps.sh DEADLINE_S ITEM...
 #   ITEM  h:STEP   scripts/gpu/hybrid_checks.sh STEP (tests check bench graphs mix profile gprofile)
 #         t:STEP   scripts/gpu/te_checks.sh STEP (tests bench graphs experts gv thd3; needs TE carried)
-#         distopt  tests/unit/test_faults.py -k "distributed_optimizer or transformer_impl" (issue 18;
-#                  ~8 minutes with TE: 5 cases); with TE carried megatron's Adam is TE's FusedAdam, so
-#                  `distopt:torch` runs the distributed-optimizer cases with TE hidden (torch's AdamW)
+#         distopt  tests/unit/test_faults.py -k distributed_optimizer (issue 18; 3 cases, ~6 minutes);
+#                  with TE carried megatron's Adam is TE's FusedAdam, so `distopt:torch` runs them
+#                  with TE hidden (torch's AdamW)
 #         impl     tests/unit/test_faults.py -k transformer_impl: a checkpoint resumed across local <-> TE
 #                  (4 cases, tiny and tiny-hybrid; needs TE carried; without Triton carried the hybrid
 #                  runs our pure-PyTorch GDN kernels)
@@ -40,7 +40,7 @@ for item in "$@"; do
   echo "## $item ($left s left, at $((SECONDS - start)) s)"
   case $item in
     distopt|distopt:torch|impl)
-      log="$OUT/${item/:/_}.log" path=$PYTHONPATH expr="distributed_optimizer or transformer_impl"
+      log="$OUT/${item/:/_}.log" path=$PYTHONPATH expr=distributed_optimizer
       [ "$item" = distopt:torch ] && path=${PYTHONPATH#/tmp/tesite:}
       [ "$item" = impl ] && expr=transformer_impl
       PYTHONPATH=$path timeout $((left < 540 ? left : 540)) python3 -m pytest -q -rs -p no:cacheprovider \
