@@ -8,8 +8,9 @@
 #                  with TE carried megatron's Adam is TE's FusedAdam, so `distopt:torch` runs them
 #                  with TE hidden (torch's AdamW)
 #         impl     tests/unit/test_faults.py -k transformer_impl: a checkpoint resumed across local <-> TE
-#                  (4 cases, tiny and tiny-hybrid; needs TE carried; without Triton carried the hybrid
-#                  runs our pure-PyTorch GDN kernels)
+#                  (4 cases, tiny and tiny-hybrid, ~100 s each; needs TE carried; without Triton carried
+#                  the hybrid runs our pure-PyTorch GDN kernels); `impl:ID` only the case(s) whose id
+#                  matches ID, e.g. impl:te_to_local-tiny-hybrid
 #         pack     scripts/gpu/triton_cache.sh pack (25 s are kept for it)
 # An item gets the time left before DEADLINE_S as its bound (STEP_S); one with less than 40 s left is
 # skipped, saying so. After each item, trainers it started in sessions of their own (the fault tests
@@ -39,16 +40,17 @@ for item in "$@"; do
   if [ "$left" -lt 40 ]; then echo "## skipped $item: $left s left"; continue; fi
   echo "## $item ($left s left, at $((SECONDS - start)) s)"
   case $item in
-    distopt|distopt:torch|impl)
+    distopt|distopt:torch|impl|impl:*)
       log="$OUT/${item/:/_}.log" path=$PYTHONPATH expr=distributed_optimizer
       [ "$item" = distopt:torch ] && path=${PYTHONPATH#/tmp/tesite:}
-      [ "$item" = impl ] && expr=transformer_impl
-      PYTHONPATH=$path timeout $((left < 540 ? left : 540)) python3 -m pytest -q -rs -p no:cacheprovider \
+      case $item in impl) expr=transformer_impl ;; impl:*) expr="transformer_impl and ${item#impl:}" ;; esac
+      # -v: each case's result is in the log as it ends, so a case cut by the bound leaves the others'
+      PYTHONPATH=$path timeout $((left < 540 ? left : 540)) python3 -m pytest -v -rs -p no:cacheprovider \
         tests/unit/test_faults.py -k "$expr" > "$log" 2>&1
-      grep -E "passed|failed|^E " "$log" | tail -6 | cut -c1-300 ;;
+      grep -E "PASSED|FAILED|passed|failed|^E " "$log" | tail -8 | cut -c1-300 ;;
     h:*) STEP_S=$left bash scripts/gpu/hybrid_checks.sh "${item#h:}" ;;
     t:*) STEP_S=$left bash scripts/gpu/te_checks.sh "${item#t:}" ;;
-    *) echo "## unknown item $item (h:STEP t:STEP distopt distopt:torch impl pack): skipped" ;;
+    *) echo "## unknown item $item (h:STEP t:STEP distopt distopt:torch impl impl:ID pack): skipped" ;;
   esac
   pkill -f "$PWD/examples/multimodal_dev/pretrain_multimodal.py" 2>/dev/null && sleep 2  # this checkout's only
   pkill -9 -f "$PWD/examples/multimodal_dev/pretrain_multimodal.py" 2>/dev/null
