@@ -21,9 +21,10 @@ import logging
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
 from multimodal_dev.checkpoint_checks import CheckpointError
-from multimodal_dev.optimizer_state import MAIN_PREFIXES, tensor_leaves
+from multimodal_dev.optimizer_state import MAIN_PREFIXES, set_path, tensor_leaves
 
-__all__ = ["stored_metadata", "read_format2_local_keys", "check_model_keys", "restore_fresh_extra_states"]
+__all__ = ["stored_metadata", "match_checkpoint", "read_format2_local_keys", "check_model_keys",
+           "restore_fresh_extra_states"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,17 @@ def stored_metadata(path: str) -> dict:
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
     return load_sharded_metadata(path)
+
+
+def match_checkpoint(template: dict, path: str, written_format: int) -> tuple[dict, list]:
+    """Before a load of ``template`` (``{"model": ..., ...}``) from the checkpoint at ``path``:
+    its leaves pointed at format 2's local keys where needed (``read_format2_local_keys``), the
+    model's keys checked (``check_model_keys``). Returns what the checkpoint holds
+    (``stored_metadata``) and the extra states to restore after the load
+    (``restore_fresh_extra_states``)."""
+    stored = stored_metadata(path)
+    read_format2_local_keys(template, stored, path, written_format)
+    return stored, check_model_keys(template["model"], stored, path)
 
 
 def read_format2_local_keys(template: dict, stored: dict, path: str, written_format: int) -> int:
@@ -92,10 +104,7 @@ def restore_fresh_extra_states(loaded_model: dict, fresh: list) -> None:
     """Put ``None`` (no saved state) where ``check_model_keys`` dropped an extra state, so the
     model's strict ``load_state_dict`` finds every key."""
     for p in fresh:
-        tree = loaded_model
-        for k in p[:-1]:
-            tree = tree[k]
-        tree[p[-1]] = None
+        set_path(loaded_model, p, None)
 
 
 def _pop(tree, path) -> None:

@@ -61,8 +61,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.mcore_ext import fallbacks
 
 from multimodal_dev import checkpoint_trust
-from multimodal_dev.checkpoint_keys import (check_model_keys, read_format2_local_keys, restore_fresh_extra_states,
-                                            stored_metadata)
+from multimodal_dev.checkpoint_keys import match_checkpoint, restore_fresh_extra_states, stored_metadata
 from multimodal_dev.optimizer_state import (find_main_parameters, optimizer_parts, optimizer_step, restore_optimizer,
                                             shard_place, tensor_leaves)
 from multimodal_dev.checkpoint_checks import (CheckpointError, check_resolved, check_scheduler, check_settings,
@@ -339,9 +338,8 @@ def open_checkpoint(root: str, *, schedule: dict, scheduler_policy: str = "refus
 def load_weights(ckpt: Checkpoint, model) -> int:
     """The model's weights only, from any checkpoint (collective); returns 0: a run that starts
     from them starts at iteration 0 with a fresh optimizer, schedule and data order."""
-    template, stored = {"model": model.sharded_state_dict()}, stored_metadata(ckpt.path)
-    read_format2_local_keys(template, stored, ckpt.path, ckpt.common.get("format", 1))
-    fresh = check_model_keys(template["model"], stored, ckpt.path)
+    template = {"model": model.sharded_state_dict()}
+    _, fresh = match_checkpoint(template, ckpt.path, ckpt.common.get("format", 1))
     with _quiet_dcp():
         loaded = dist_checkpointing.load(template, ckpt.path)
     restore_fresh_extra_states(loaded["model"], fresh)
@@ -425,9 +423,7 @@ def load_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, restore_rank_
     template, structure = _sharded_state(
         model, optimizer, scheduler, it, {}, {} if (same_world and restore_rank_state) else None, loading=True
     )
-    stored = stored_metadata(path)
-    read_format2_local_keys(template, stored, path, common.get("format", 1))
-    fresh = check_model_keys(template["model"], stored, path)
+    stored, fresh = match_checkpoint(template, path, common.get("format", 1))
     from_model = _main_parameters(template, path, stored)
     with _quiet_dcp():
         loaded = dist_checkpointing.load(template, path)

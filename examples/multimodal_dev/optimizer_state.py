@@ -19,7 +19,7 @@ import torch
 from megatron.core.dist_checkpointing.mapping import ShardedBase
 
 __all__ = ["tensor_leaves", "optimizer_parts", "optimizer_step", "step_place", "set_step", "restore_optimizer",
-           "find_main_parameters", "shard_place", "MAIN_PREFIXES"]
+           "find_main_parameters", "shard_place", "MAIN_PREFIXES", "set_path"]
 
 
 def tensor_leaves(tree, path=()):
@@ -34,7 +34,8 @@ def tensor_leaves(tree, path=()):
             yield from tensor_leaves(v, path + (i,))
 
 
-def _set_path(tree, path, value) -> None:
+def set_path(tree, path, value) -> None:
+    """Put ``value`` at ``path`` (as ``tensor_leaves`` yields it) in a nested dict/list."""
     for k in path[:-1]:
         tree = tree[k]
     tree[path[-1]] = value
@@ -181,7 +182,7 @@ def restore_optimizer(optimizer, structure, loaded_opt: dict) -> None:
     """The loaded tensors back into this run's optimizer structure, with the saved Adam step."""
     osd, paths = structure
     for i, path in enumerate(paths):
-        _set_path(osd, path, loaded_opt["tensors"][str(i)])
+        set_path(osd, path, loaded_opt["tensors"][str(i)])
     _unwrap_local(osd)
     parts = optimizer_parts(osd)
     subs = list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
