@@ -193,3 +193,27 @@ for a, b, k in sorted([g for g in gaps if 1000 <= g[1] - g[0] <= 50_000], key=la
     started = sorted([e for e in ops if a <= e["ts"] <= b], key=lambda e: -e["dur"])[:6]
     print(f"gap {(b-a)/1e3:.2f} ms before {k['name'][:40] if k else '-'}: host ops started in it",
           [(e["name"][:50], round(e["dur"] / 1e3, 2)) for e in started])
+
+# what the GPU is busy with, by where the host launched it: the step phase, then the autograd node
+# (backward) or the innermost host op and the module (forward/other) whose launch call started the
+# kernel. Kernels replayed from a CUDA graph carry the graph launch's correlation, so a graphed layer
+# shows as the op that replays it.
+busy_by = collections.Counter(); busy_phase = collections.Counter(); n_by = collections.Counter()
+for k in gpu:
+    if k["ts"] + k["dur"] < t0 or k["ts"] > t1: continue
+    L = launch.get(k["args"].get("correlation"))
+    if L is None:
+        key = ("-", "-", "(no launch record)")
+    else:
+        ph = enclosing(L["ts"], "PHASE:")
+        node = innermost(L["ts"], L.get("tid"), evals_index)
+        if node is not None:
+            key = (ph, "bwd", node["name"].split(": ", 1)[-1])
+        else:
+            op = innermost(L["ts"], L.get("tid"), ops_index)
+            key = (ph, enclosing(L["ts"], "MOD:"), op["name"] if op else "-")
+    busy_by[key] += k["dur"]; busy_phase[key[0]] += k["dur"]; n_by[key] += 1
+print("GPU busy by host phase (ms per step):", {p: round(v / 1e3 / steps, 1) for p, v in busy_phase.most_common()})
+print("GPU busy by phase / module or 'bwd' / launching op or autograd node (ms per step, kernels per step):")
+for (ph, where, what), d in busy_by.most_common(40):
+    print(f"  {d/1e3/steps:8.2f} ms {n_by[(ph, where, what)]/steps:7.0f}  {ph:16s} {where[:26]:26s} {what[:60]}")

@@ -86,10 +86,12 @@ import torch  # noqa: E402
 from multimodal_dev.models.qwen35_vl.flops import model_flops_per_step, sample_lengths  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM spec sheet, bf16 dense (no sparsity)
-ALL_CONFIGS = ("ours-bshd", "ours-thd", "ours-te-bshd", "ours-te-thd", "hf-bshd", "hf-packed")
+ALL_CONFIGS = ("ours-bshd", "ours-thd", "ours-te-bshd", "ours-te-thd", "ours-ab-bshd", "ours-ab-thd", "hf-bshd",
+               "hf-packed")
 # ours-te-*: our trainer with --transformer-impl transformer_engine (appended to --megatron-args), a
 # second model built after the ours-* one, so one run compares the local backend, TE and HF (asked
-# for by name: TE is optional, so they are not in the default set)
+# for by name: TE is optional, so they are not in the default set). ours-ab-*: the same with
+# --ab-megatron-args appended instead: an A/B of one trainer flag side by side in one run.
 DEFAULT_CONFIGS = ("ours-bshd", "ours-thd", "hf-bshd", "hf-packed")
 
 
@@ -134,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--megatron-args", default="",
                    help="extra trainer flags for multimodal_dev.arguments, e.g. "
                         "'--transformer-impl local --moe-token-dispatcher-type alltoall'")
+    p.add_argument("--ab-megatron-args", default="",
+                   help="trainer flags the ours-ab-* configs add to --megatron-args (an A/B against ours-*), "
+                        "e.g. '--chunked-lm-loss'")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help=f"MFU denominator per device (default: {H100_BF16_DENSE_TFLOPS:g} on H100/H200, "
                         "the H100 SXM bf16 dense spec; none on CPU)")
@@ -484,6 +489,11 @@ def run_ours(args, margs, batches: dict[str, list[dict]], flops, tokens, pads, p
 
     from multimodal_dev import metrics, training
 
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    # every model of the run from the same seed: ours-te-* / ours-ab-* start from ours-*'s weights
+    torch.manual_seed(margs.seed)
+    model_parallel_cuda_manual_seed(margs.seed)
     t0 = time.perf_counter()
     ddp, model, optimizer, scheduler, graphs = training.build_model_and_optimizer(margs)
     n_params = sum(p.numel() for p in model.parameters())
@@ -732,6 +742,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--configs: unknown {bad}; choose from {ALL_CONFIGS}")
     if args.skip_hf:
         wanted = [c for c in wanted if not c.startswith("hf-")]
+    if any(c.startswith("ours-ab-") for c in wanted) and not args.ab_megatron_args.strip():
+        raise SystemExit("--configs ours-ab-*: give the flags to compare with --ab-megatron-args")
     if args.steps < 1 or args.warmup < 0 or args.samples_per_step < 1 or args.passes < 1:
         raise SystemExit("need --steps >= 1, --warmup >= 0, --samples-per-step >= 1, --passes >= 1")
 
@@ -818,10 +830,12 @@ def main(argv=None) -> int:
     # ---- measure ------------------------------------------------------------------------------
     results: list[dict] = []
     hf_info: dict = {}
-    te_margs = None
+    te_margs = ab_margs = None
     if any(c.startswith("ours-te-") for c in wanted):
         te_margs = _run_margs(args, megatron_args(args, "bshd", ("--transformer-impl", "transformer_engine")))
-    for prefix, m in (("ours", margs), ("ours-te", te_margs)):
+    if any(c.startswith("ours-ab-") for c in wanted):
+        ab_margs = _run_margs(args, megatron_args(args, "bshd", tuple(shlex.split(args.ab_megatron_args))))
+    for prefix, m in (("ours", margs), ("ours-te", te_margs), ("ours-ab", ab_margs)):
         mine = [c for c in wanted if c in (f"{prefix}-bshd", f"{prefix}-thd")]
         if not mine:
             continue
@@ -869,6 +883,10 @@ def main(argv=None) -> int:
         if f"ours-te-{layout}" in o and f"ours-{layout}" in o:
             summary[f"te_over_local_{layout}"] = o[f"ours-te-{layout}"]["tokens_per_s"] / o[f"ours-{layout}"]["tokens_per_s"]
             print(f"ours {layout.upper()}: TE / local {summary[f'te_over_local_{layout}']:.2f}x real tokens/s")
+        if f"ours-ab-{layout}" in o and f"ours-{layout}" in o:
+            summary[f"ab_over_base_{layout}"] = o[f"ours-ab-{layout}"]["tokens_per_s"] / o[f"ours-{layout}"]["tokens_per_s"]
+            print(f"ours {layout.upper()}: with {args.ab_megatron_args!r} / without "
+                  f"{summary[f'ab_over_base_{layout}']:.2f}x real tokens/s")
     print(f"MFU = useful model TFLOP/s / {_fmt(peak, 'g')} ({peak_src}); FLOP counting: multimodal_dev/models/qwen35_vl/flops.py")
     if args.json:
         out = dict(env=env, args={k: v for k, v in vars(args).items()}, data=data,

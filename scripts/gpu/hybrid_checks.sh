@@ -7,6 +7,9 @@
 #   check    layer_graphs_check.py on proxy-hybrid: per-layer outputs, loss and gradients, graphed vs eager
 #   bench    the text bench of the HF anchor (4 x 2,048 tokens): ours THD eager and HF in one run
 #   graphs   the same, ours THD with --cuda-graph-layers (rows padded to 1,024, samples to 64)
+#   graphsab the same, ours-thd beside ours-ab-thd: the graphed step with the trainer flags in $AB
+#            added (default --chunked-lm-loss: the LM head's cross entropy in chunks, without the
+#            [tokens, vocab] fp32 passes), side by side in one run
 #   mix      the variable-length image+text mix (4 samples of <= 4,096 tokens): ours BSHD and THD (rows
 #            padded to 1,024: few packed lengths, so few of fla's recompilations), two passes of the
 #            same steps, the second the steady state (issue 16's goal: THD >= 1.5x BSHD)
@@ -32,6 +35,9 @@ for step in ${@:-tests check bench graphs mix profile gprofile pack}; do
     graphs) timeout "$S" python3 scripts/bench/train_throughput.py $TXT --warmup 3 --steps 15 --configs ours-thd --skip-hf \
              --cuda-graph-layers --json "$O/hybrid_text_graphs.json" > "$O/hybrid_text_graphs.log" 2>&1
            q 12 < "$O/hybrid_text_graphs.log" ;;
+    graphsab) timeout "$S" python3 scripts/bench/train_throughput.py $TXT --warmup 3 --steps 15 --configs ours-thd,ours-ab-thd \
+               --skip-hf --cuda-graph-layers --ab-megatron-args="${AB:---chunked-lm-loss}" --json "$O/hybrid_text_graphs_ab.json" \
+               > "$O/hybrid_text_graphs_ab.log" 2>&1; q 14 < "$O/hybrid_text_graphs_ab.log" ;;
     mix) timeout "$S" python3 scripts/bench/train_throughput.py --variant proxy-hybrid --seq-length 4096 \
            --samples-per-step 4 --warmup 3 --steps 8 --passes 2 --no-gemm-check --configs ours-bshd,ours-thd --skip-hf \
            --thd-row-multiple 1024 --json "$O/hybrid_mix.json" > "$O/hybrid_mix.log" 2>&1; q 12 < "$O/hybrid_mix.log" ;;
@@ -42,6 +48,6 @@ for step in ${@:-tests check bench graphs mix profile gprofile pack}; do
                 --min-tokens 2048 --max-tokens 2048 --image-prob 0 --cuda-graph-layers > "$O/gpu_gaps_hybrid_graphs.txt" 2>&1
               grep -A14 "steps: wall" "$O/gpu_gaps_hybrid_graphs.txt" | cut -c1-200 ;;
     pack) bash scripts/gpu/triton_cache.sh pack ;;
-    *) echo "unknown step $step (tests check bench graphs mix profile gprofile pack)"; exit 2 ;;
+    *) echo "unknown step $step (tests check bench graphs graphsab mix profile gprofile pack)"; exit 2 ;;
   esac
 done

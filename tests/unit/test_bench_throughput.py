@@ -66,6 +66,32 @@ def test_thd_row_multiple_pads_only_our_thd_rows(tmp_path):
     assert abs(a - b) <= 1e-5 * abs(b), (a, b)
 
 
+def test_ab_configs_train_a_second_model_with_the_extra_flags(tmp_path):
+    """``ours-ab-*`` with ``--ab-megatron-args``: a second model of the same seed trained with the
+    flags added (here a 1000x learning rate), reported beside ``ours-*`` with their ratio. The same
+    initial weights and first batch give the same first loss; the flag shows in every later loss."""
+    out = tmp_path / "tp.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench" / "train_throughput.py"), "--variant", "tiny",
+           "--seq-length", "256", "--samples-per-step", "2", "--warmup", "0", "--steps", "3", "--skip-hf",
+           "--lr", "1e-5", "--configs", "ours-thd,ours-ab-thd", "--ab-megatron-args=--lr 1e-2", "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    by = {x["config"]: x for x in d["results"]}
+    base, ab = by["ours-thd"], by["ours-ab-thd"]
+    assert base["status"] == ab["status"] == "ok"
+    assert abs(base["losses"][0] - ab["losses"][0]) <= 1e-6 * abs(base["losses"][0])
+    assert abs(base["losses"][-1] - ab["losses"][-1]) > 1e-3, (base["losses"], ab["losses"])
+    assert abs(d["summary"]["ab_over_base_thd"] - ab["tokens_per_s"] / base["tokens_per_s"]) < 1e-9
+    # without the flags the ab configs are refused, naming the flag
+    bad = subprocess.run(cmd[:-4] + ["--json", str(out)], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=tmp_path)
+    assert bad.returncode != 0 and "--ab-megatron-args" in bad.stderr
+
+
 def test_cuda_graph_layers_needs_a_gpu(tmp_path):
     import torch
 
