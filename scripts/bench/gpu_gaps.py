@@ -1,4 +1,6 @@
-"""Where the GPU waits: profile ours for a few steps and attribute GPU idle time to step phases.
+"""Where the GPU waits and what it is busy with: profile ours for a few steps, attribute the GPU's idle
+time to step phases and host ops, and its busy time to the phase and the op (or autograd node) that
+launched each kernel.
 
 The profiled steps have run once before (steady state: no first-use cost of kernels, cuBLAS
 heuristics or cuDNN plans for their shapes).
