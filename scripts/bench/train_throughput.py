@@ -196,6 +196,26 @@ def _git_commit() -> Optional[str]:
         return None
 
 
+def _git_tree(root: Path = ROOT) -> Optional[str]:
+    """The git tree hash of the files the bench ran from: what ``git add -A`` would commit (ignored
+    files left out), staged into a throw-away index so the checkout's own index is not touched.
+
+    ``git_commit`` alone can name the wrong code: a copy of a working tree (the GPU machine's) may
+    carry newer files over an older ``.git``. The tree hash names the files themselves: the commit
+    they are is the one with ``git log --format='%H %T' | grep TREE``."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            env = dict(os.environ, GIT_INDEX_FILE=os.path.join(d, "index"))
+            run = functools.partial(subprocess.run, cwd=root, capture_output=True, text=True, timeout=60, env=env)
+            if run(["git", "read-tree", "HEAD"]).returncode or run(["git", "add", "-A"]).returncode:
+                return None
+            return run(["git", "write-tree"]).stdout.strip() or None
+    except Exception:  # noqa: BLE001 - provenance, not the measurement
+        return None
+
+
 def _peak_tflops(args) -> tuple[Optional[float], str]:
     if args.peak_tflops is not None:
         return args.peak_tflops, "--peak-tflops"
@@ -766,7 +786,7 @@ def main(argv=None) -> int:
         torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
         device=torch.cuda.get_device_name() if _cuda() else f"CPU ({platform.processor() or platform.machine()}, "
                                                              f"{torch.get_num_threads()} threads)",
-        dtype=dtype_name, peak_tflops=peak, peak_source=peak_src, git_commit=_git_commit(),
+        dtype=dtype_name, peak_tflops=peak, peak_source=peak_src, git_commit=_git_commit(), git_tree=_git_tree(),
         host=platform.node(), cuda_alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
     )
     try:

@@ -202,3 +202,34 @@ def test_the_profiling_scripts_build_the_graphed_step_the_bench_times():
     of another step than the one timed."""
     line = [ln for ln in _run_script(_BUILD_GRAPHED, ROOT).splitlines() if ln.startswith("RESULT")][-1]
     assert line == "RESULT True 1024 64 [0] [0]", line
+
+
+def test_the_recorded_tree_names_the_files_run_not_the_commit_checked_out(tmp_path):
+    """``_git_tree``: a clean checkout records its commit's tree; changed files (as the GPU machine's
+    copy of a newer working tree over an older .git has) record the tree of the commit they would
+    make, not HEAD's, and the checkout's own index is left as it was."""
+    import subprocess as sp
+
+    sys.path[:0] = [str(ROOT / "scripts" / "bench")]
+    try:
+        import train_throughput as tt
+    finally:
+        del sys.path[0]
+
+    def git(*a):
+        return sp.run(["git", *a], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    git("config", "user.email", "t@t"); git("config", "user.name", "t")
+    (tmp_path / ".gitignore").write_text("big/\n")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "-A"); git("commit", "-qm", "one")
+    assert tt._git_tree(tmp_path) == git("rev-parse", "HEAD^{tree}")
+    (tmp_path / "a.py").write_text("x = 2\n")
+    (tmp_path / "b.py").write_text("y = 1\n")
+    (tmp_path / "big").mkdir(); (tmp_path / "big" / "w.whl").write_text("ignored")
+    tree = tt._git_tree(tmp_path)
+    assert tree != git("rev-parse", "HEAD^{tree}")
+    assert git("status", "--porcelain").splitlines() == ["M a.py", "?? b.py"]  # the index untouched
+    git("add", "-A"); git("commit", "-qm", "two")
+    assert tree == git("rev-parse", "HEAD^{tree}")
