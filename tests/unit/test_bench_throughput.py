@@ -87,9 +87,11 @@ def test_ab_configs_train_a_second_model_with_the_extra_flags(tmp_path):
     assert abs(base["losses"][-1] - ab["losses"][-1]) > 1e-3, (base["losses"], ab["losses"])
     assert abs(d["summary"]["ab_over_base_thd"] - ab["tokens_per_s"] / base["tokens_per_s"]) < 1e-9
     # without the flags the ab configs are refused, naming the flag
-    bad = subprocess.run(cmd[:-4] + ["--json", str(out)], capture_output=True, text=True, env=env, timeout=300,
-                         cwd=tmp_path)
-    assert bad.returncode != 0 and "--ab-megatron-args" in bad.stderr
+    no_ab = [a for a in cmd if not a.startswith("--ab-megatron-args")]
+    assert no_ab[-4:-2] == ["--configs", "ours-thd,ours-ab-thd"]
+    bad = subprocess.run(no_ab, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert bad.returncode != 0
+    assert "--configs ours-ab-*: give the flags to compare with --ab-megatron-args" in bad.stderr, bad.stderr[-2000:]
 
 
 def test_cuda_graph_layers_needs_a_gpu(tmp_path):
