@@ -19,7 +19,7 @@ import math
 import os
 from typing import Any, Optional, Sequence
 
-from multimodal_dev import evaluation, freezing, recompute
+from multimodal_dev import evaluation, freezing, lm_loss_flags, recompute
 from multimodal_dev.distill import args as distill_args
 from multimodal_dev.argument_error import ArgumentError
 from multimodal_dev.layout import Layout
@@ -40,6 +40,7 @@ class ModelArgs:
     grouped_experts: bool
     sync_free_dispatch: bool
     chunked_lm_loss: bool
+    cross_entropy_fusion: Optional[str]  # None | native | te (multimodal_dev.lm_loss_flags)
     gdn_kernels: str
     layout_independent_init: bool
     padding_mask: bool  # False: --no-padding-mask (comparisons only)
@@ -125,6 +126,7 @@ class RunConfig:
             grouped_experts=m.grouped_experts,
             sync_free_dispatch=m.sync_free_dispatch,
             chunked_lm_loss=m.chunked_lm_loss,
+            cross_entropy_fusion=m.cross_entropy_fusion,
             gdn_kernels=m.gdn_kernels,
             layout_independent_init=m.layout_independent_init,
             seed=self.seed,
@@ -215,10 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--thd-sample-multiple", type=int, default=None,
                    help="THD: pad each packed sample to a multiple of this many tokens, besides what the layout "
                         "needs (default: 64, fla's chunk, with --cuda-graph-layers (for Gated DeltaNet layers), else 1)")
-    g.add_argument("--chunked-lm-loss", action="store_true",
-                   help="compute the training loss from the LM head in token chunks (megatron.mcore_ext."
-                        "lm_loss) instead of from full [tokens, vocab] logits: less memory, one more LM-head "
-                        "GEMM per step (docs/performance.md)")
+    lm_loss_flags.add_arguments(g)  # --chunked-lm-loss, --cross-entropy-loss-fusion, --cross-entropy-fusion-impl
 
     g.add_argument("--gdn-kernels", default="auto", choices=["auto", "fla", "torch"],
                    help="Gated DeltaNet kernels: flash-linear-attention (GPU) or our pure-PyTorch ones; auto = "
@@ -380,7 +379,7 @@ def _model(a: argparse.Namespace, layout: Layout) -> ModelArgs:
                      transformer_impl=a.transformer_impl,
                      plugins=tuple(a.plugin), grouped_experts=not a.no_grouped_experts,
                      sync_free_dispatch=not a.no_sync_free_dispatch, chunked_lm_loss=a.chunked_lm_loss,
-                     gdn_kernels=a.gdn_kernels,
+                     cross_entropy_fusion=lm_loss_flags.fusion_from_flags(a), gdn_kernels=a.gdn_kernels,
                      layout_independent_init=a.layout_independent_init, padding_mask=not a.no_padding_mask,
                      cuda_graph_layers=a.cuda_graph_layers, moe=moe, recompute=recompute.options_from_flags(a),
                      freeze=freezing.parts_from_flags(a))

@@ -256,6 +256,7 @@ def test_the_entry_point_writes_the_distill_metrics(tmp_path, hybrid_teacher):
     (["--distill", "--teacher-load", "x", "--kd-temperature", "0"], "--kd-temperature must be > 0"),
     (["--distill", "--teacher-load", "x", "--kd-top-k", "0"], "--kd-top-k must be >= 1"),
     (["--distill", "--teacher-load", "x", "--chunked-lm-loss"], "--chunked-lm-loss with --distill"),
+    (["--distill", "--teacher-load", "x", "--cross-entropy-loss-fusion"], "--cross-entropy-loss-fusion with --distill"),
 ])
 def test_bad_distill_flags_are_refused_naming_them(argv, needle):
     with pytest.raises(ArgumentError) as e:

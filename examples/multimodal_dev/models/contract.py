@@ -108,6 +108,8 @@ class BuildOptions:
     padding_aware_router: ``PaddingAwareTopKRouter`` in every MoE layer (padding excluded from
         every routing statistic); off only for comparisons.
     chunked_lm_loss: the training loss from the LM head in token chunks (``mcore_ext.lm_loss``).
+    cross_entropy_fusion: None, or megatron-core's fused LM cross entropy, "native" or "te"
+        (``TransformerConfig.cross_entropy_loss_fusion`` / ``cross_entropy_fusion_impl``).
     gdn_kernels: Gated DeltaNet kernels: "fla", "torch" or "auto" (``mcore_ext.gdn``).
     layout_independent_init / seed: every global weight drawn from a generator seeded by its name,
         so every parallel layout starts from the same model.
@@ -124,6 +126,7 @@ class BuildOptions:
     sync_free_dispatch: bool = True
     padding_aware_router: bool = True
     chunked_lm_loss: bool = False
+    cross_entropy_fusion: Optional[str] = None
     gdn_kernels: str = "auto"
     layout_independent_init: bool = False
     seed: int = 1234
@@ -165,6 +168,8 @@ class BuildOptions:
             out["variable_seq_lengths"] = True
         if self.cpu_initialization is not None:
             out["use_cpu_initialization"] = self.cpu_initialization
+        if self.cross_entropy_fusion is not None:
+            out.update(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl=self.cross_entropy_fusion)
         if moe:
             out.update(self.moe.config_overrides())
         out.update(self.recompute.config_overrides())
