@@ -1,7 +1,8 @@
 """The chunked LM-head cross entropy (``megatron.mcore_ext.lm_loss``) gives megatron-core's loss and
 gradients -- its output layer + ``vocab_parallel_cross_entropy`` -- on one rank and under tensor
 parallelism (with and without sequence parallelism), whatever the chunking; and the Qwen3.5 model
-takes it for training losses only."""
+takes it for training losses only. Also: with ``--cross-entropy-loss-fusion``'s option the model's
+loss goes through megatron-core's fused cross entropy, with the unfused loss and gradients."""
 from __future__ import annotations
 
 import pytest
@@ -87,30 +88,43 @@ def test_chunked_loss_tensor_and_sequence_parallel():
     assert run_distributed(_tp_case, world_size=2, tp=2, args=(True,)) == [True, True]
 
 
-def _model_case():
-    """Qwen3.5 tiny: the training loss and every gradient equal megatron's output layer + vocab
-    cross entropy; the logits path (no labels) is untouched."""
-    import megatron.mcore_ext.lm_loss as lm_loss_mod
-    from multimodal_dev.models import BuildOptions
+def _tiny_batch(s=12):
+    """Qwen3.5 tiny's text config and a batch of 2 x ``s`` tokens: ids, labels, MRoPE positions and
+    per-token loss weights."""
     from multimodal_dev.models.qwen35_vl.configuration import configs_for_variant
-    from multimodal_dev.models.qwen35_vl.model import build_qwen35_language_model
 
     text, _, _ = configs_for_variant("tiny")
-    model = build_qwen35_language_model(text, BuildOptions(pre_process=True, post_process=True)).cpu()
     g = torch.Generator().manual_seed(5)
-    s = 12
     tokens = torch.randint(0, text.vocab_size, (2, s), generator=g)
     labels = torch.randint(0, text.vocab_size, (2, s), generator=g)
     pos = torch.arange(s)[None, None].expand(3, 2, s)
-    weights = torch.rand(2, s, generator=g)
-    calls = []
-    real = lm_loss_mod.chunked_lm_loss
+    return text, tokens, labels, pos, torch.rand(2, s, generator=g)
+
+
+def _spy(module, name, calls):
+    """Replace ``module.name`` by a wrapper that counts its calls into ``calls``; returns the original."""
+    real = getattr(module, name)
 
     def spy(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    lm_loss_mod.chunked_lm_loss = spy
+    setattr(module, name, spy)
+    return real
+
+
+def _model_case():
+    """Qwen3.5 tiny: the training loss and every gradient equal megatron's output layer + vocab
+    cross entropy; the logits path (no labels) is untouched."""
+    import megatron.mcore_ext.lm_loss as lm_loss_mod
+    from multimodal_dev.models import BuildOptions
+    from multimodal_dev.models.qwen35_vl.model import build_qwen35_language_model
+
+    text, tokens, labels, pos, weights = _tiny_batch()
+    s = tokens.shape[1]
+    model = build_qwen35_language_model(text, BuildOptions(pre_process=True, post_process=True)).cpu()
+    calls = []
+    real = _spy(lm_loss_mod, "chunked_lm_loss", calls)
 
     def run(chunked):
         model.chunked_lm_loss = chunked
@@ -137,3 +151,49 @@ def _model_case():
 
 def test_qwen35_training_loss_goes_through_the_chunked_head():
     assert run_distributed(_model_case, world_size=1) == [True]
+
+
+def _fused_case():
+    """Qwen3.5 tiny, built twice from one seed, without and with megatron-core's native fused cross
+    entropy (``BuildOptions.cross_entropy_fusion``, from ``--cross-entropy-loss-fusion``): the fused
+    function runs (and only with the option), the loss equals the unfused one, every gradient too up
+    to the bf16 rounding of the logits' gradient that megatron's fused backward does."""
+    import megatron.core.models.common.language_module.language_module as lm_mod
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from multimodal_dev.models import BuildOptions
+    from multimodal_dev.models.qwen35_vl.model import build_qwen35_language_model
+
+    text, tokens, labels, pos, weights = _tiny_batch()
+
+    def run(fusion):
+        torch.manual_seed(7)
+        model_parallel_cuda_manual_seed(7)
+        opts = BuildOptions(pre_process=True, post_process=True, cross_entropy_fusion=fusion)
+        model = build_qwen35_language_model(text, opts).cpu()
+        assert model.config.cross_entropy_loss_fusion is (fusion is not None)
+        loss = model(input_ids=tokens, position_ids=pos, attention_mask=None, labels=labels)
+        (loss * weights).sum().backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    calls = []
+    real = _spy(lm_mod, "fused_vocab_parallel_cross_entropy", calls)
+    try:
+        want = run(None)
+        assert not calls
+        got = run("native")
+        assert calls == [1], "the fused cross entropy did not run"
+    finally:
+        lm_mod.fused_vocab_parallel_cross_entropy = real
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    assert got[1].keys() == want[1].keys() and "output_layer.weight" in got[1]
+    worst = 0.0
+    for n in want[1]:  # the logits' gradient rounded to bf16 (<= 2^-9 relative per entry) and carried back
+        err = float((got[1][n] - want[1][n]).norm() / want[1][n].norm().clamp_min(1e-30))
+        worst = max(worst, err)
+        assert err <= 1e-2, (n, err)
+    assert worst > 0.0  # the fused backward's bf16 rounding is there: its backward ran too (seen: 2.2e-3)
+    return True
+
+
+def test_qwen35_training_loss_goes_through_megatrons_fused_cross_entropy():
+    assert run_distributed(_fused_case, world_size=1) == [True]
