@@ -49,7 +49,7 @@ def fusion_from_flags(a: argparse.Namespace) -> Optional[str]:
     if not a.cross_entropy_loss_fusion:
         return None
     impl = a.cross_entropy_fusion_impl
-    if getattr(a, "distill", False):
+    if a.distill:
         raise ArgumentError("--cross-entropy-loss-fusion with --distill: the KD computes the LM loss itself from the "
                             "student's logits (distill.loss), so the fusion would not be used; leave it out")
     if a.chunked_lm_loss:

@@ -44,8 +44,6 @@ _RESOLVED_FIELDS = ("moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe
 # initialisation
 def initialize(cfg) -> bool:
     """Start the process group and megatron's parallel state. Returns True on CPU."""
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
     from megatron.mcore_ext import cpu_runtime, fallbacks
     from megatron.mcore_ext.netutil import free_port
     from multimodal_dev.models import load_plugin
@@ -69,11 +67,19 @@ def initialize(cfg) -> bool:
     cfg.layout.initialize()
     for plugin in cfg.model.plugins:
         load_plugin(plugin)
-    torch.manual_seed(cfg.seed)
-    model_parallel_cuda_manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     if on_cpu:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
     return on_cpu
+
+
+def seed_everything(seed: int) -> None:
+    """torch's global generator and megatron's per-parallel-region CUDA generators from ``seed``:
+    a model built next starts from the weights every model built after this seed gets."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -509,11 +509,7 @@ def run_ours(args, margs, batches: dict[str, list[dict]], flops, tokens, pads, p
 
     from multimodal_dev import metrics, training
 
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    # every model of the run from the same seed: ours-te-* / ours-ab-* start from ours-*'s weights
-    torch.manual_seed(margs.seed)
-    model_parallel_cuda_manual_seed(margs.seed)
+    training.seed_everything(margs.seed)  # every model of a run alike: ours-te-*, ours-ab-* start as ours-*
     t0 = time.perf_counter()
     ddp, model, optimizer, scheduler, graphs = training.build_model_and_optimizer(margs)
     n_params = sum(p.numel() for p in model.parameters())
