@@ -80,6 +80,7 @@ class OptimizerArgs:
     adam_beta2: float
     clip_grad: float
     use_distributed_optimizer: bool
+    check_grad_buckets: bool  # --check-grad-buckets: megatron's DDP NaN/Inf check per bucket too
     override_scheduler: bool  # --override-opt-param-scheduler: the flags win over a checkpoint's schedule
     use_checkpoint_scheduler: bool  # --use-checkpoint-opt-param-scheduler: the checkpoint's schedule wins
 
@@ -153,9 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model")
     g.add_argument("--model-arch", default="qwen35_vl", help="architecture in the model registry")
-    g.add_argument("--variant", default=None,
-                   help="size of the architecture (tiny, proxy, 35B-A3B, ...; default tiny, or config.json's with "
-                        "--hf-checkpoint)")
+    g.add_argument("--variant", default=None, help="the architecture's size (tiny, proxy, 35B-A3B, ...; default: "
+                   "tiny, or --hf-checkpoint's config.json)")
     g.add_argument("--hf-checkpoint", default=None, metavar="DIR",
                    help="start from an HF checkpoint directory (config.json + safetensors shards): the sizes come from "
                         "its config.json, each rank reads only its slices of the weights")
@@ -197,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true",
-                   help="shard optimizer state over DP (needs a GPU: megatron-core's distributed "
-                        "optimizer assumes CUDA tensors)")
+                   help="shard optimizer state over DP (needs a GPU: megatron-core's distributed optimizer assumes CUDA tensors)")
+    g.add_argument("--check-grad-buckets", action="store_true", help="also megatron's DDP NaN/Inf check of each "
+                   "gradient bucket, naming rank and bucket (host syncs; a non-finite grad norm stops the run anyway)")
     g.add_argument("--moe-token-dispatcher-type", default="allgather", choices=["allgather", "alltoall"])
     g.add_argument("--no-grouped-experts", action="store_true",
                    help="run the routed experts with megatron's SequentialMLP loop instead of two grouped "
@@ -400,7 +401,7 @@ def _optimizer(a: argparse.Namespace) -> OptimizerArgs:
     return OptimizerArgs(lr=a.lr, min_lr=a.min_lr, warmup_iters=a.lr_warmup_iters, decay_style=a.lr_decay_style,
                          decay_iters=decay_iters, weight_decay=a.weight_decay, adam_beta1=a.adam_beta1,
                          adam_beta2=a.adam_beta2, clip_grad=a.clip_grad,
-                         use_distributed_optimizer=a.use_distributed_optimizer,
+                         use_distributed_optimizer=a.use_distributed_optimizer, check_grad_buckets=a.check_grad_buckets,
                          override_scheduler=a.override_opt_param_scheduler,
                          use_checkpoint_scheduler=a.use_checkpoint_opt_param_scheduler)
 

@@ -91,6 +91,7 @@ def build_model_and_optimizer(cfg, load_hf_weights: bool = True):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    from megatron.mcore_ext import grad_norm_check
     from megatron.mcore_ext.ddp import BatchedGradDDP
     from megatron.mcore_ext.experts import GroupedGemmSequentialMLP
     from megatron.mcore_ext.fallbacks import fused_adam_summary, use_fused_adam
@@ -115,7 +116,8 @@ def build_model_and_optimizer(cfg, load_hf_weights: bool = True):
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
-        check_for_nan_in_grad=True,
+        # opt-in (host syncs every backward): a NaN/Inf grad norm stops the run anyway (grad_norm_check.py)
+        check_for_nan_in_grad=cfg.optimizer.check_grad_buckets,
     )
     # megatron's DDP, with the per-parameter gradient hooks batched into one foreach add per
     # backward where nothing waits on them (megatron/mcore_ext/ddp.py)
@@ -134,11 +136,11 @@ def build_model_and_optimizer(cfg, load_hf_weights: bool = True):
         log.info("cuda graphs: %d decoder layers, THD rows padded to multiples of %d tokens",
                  len(model.decoder_layers()), cfg.data.row_multiple)
     o = cfg.optimizer
-    optimizer = get_megatron_optimizer(OptimizerConfig(
+    optimizer = grad_norm_check.checked(get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
         adam_beta2=o.adam_beta2, clip_grad=o.clip_grad, bf16=cfg.bf16, params_dtype=options.params_dtype,
         use_distributed_optimizer=o.use_distributed_optimizer,
-    ), [ddp])
+    ), [ddp]))  # a NaN/Inf grad norm raises before the update
     log.info("optimizer: %s", fused_adam_summary(optimizer, use_fused_adam(optimizer)))
     scheduler = OptimizerParamScheduler(optimizer, **schedule_from_flags(o))
     # as megatron.training does: the schedules call these
@@ -160,11 +162,8 @@ def train_step(cfg, forward_backward, ddp, optimizer, scheduler, micro_batches, 
         forward_step_func=functools.partial(forward_step, use_padding_mask=cfg.model.padding_mask, batch_hook=batch_hook)
         if teacher is None else teacher.prepare_step(cfg, micro_batches, batch_hook),  # --distill: KD + LM loss
         data_iterator=iter(micro_batches) if micro_batches is not None else None,
-        model=[ddp],
-        num_microbatches=cfg.data.num_microbatches,
-        seq_length=cfg.data.seq_length,
-        micro_batch_size=1 if cfg.data.packed else cfg.data.micro_batch_size,
-        decoder_seq_length=None,
+        model=[ddp], num_microbatches=cfg.data.num_microbatches, seq_length=cfg.data.seq_length,
+        micro_batch_size=1 if cfg.data.packed else cfg.data.micro_batch_size, decoder_seq_length=None,
         forward_only=False,
     )
     lr = float(optimizer.param_groups[0]["lr"])  # the rate this iteration's update uses
@@ -208,6 +207,7 @@ def train(cfg) -> list[dict]:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron.mcore_ext.grad_norm_check import NonFiniteGradError
     from multimodal_dev import checkpointing, distill, evaluation, metrics
     from multimodal_dev.checkpoint_checks import schedule_from_flags, scheduler_policy
     from multimodal_dev.data.stream import open_data
@@ -265,7 +265,11 @@ def train(cfg) -> list[dict]:
             t0 = time.perf_counter()
             stats = metrics.IterationStats()
             micro = stream.next_iteration() if stream is not None else None
-            losses, lr, grad_norm, _ = train_step(cfg, forward_backward, ddp, optimizer, scheduler, micro, stats.hook, teacher)
+            try:
+                losses, lr, grad_norm, _ = train_step(cfg, forward_backward, ddp, optimizer, scheduler, micro,
+                                                      stats.hook, teacher)
+            except NonFiniteGradError as e:  # nothing was updated; say in which iteration
+                raise NonFiniteGradError(f"iteration {iteration + 1}: {e}") from None
             iteration += 1
             if lr == 0.0 and iteration > cfg.optimizer.warmup_iters + 1 and not warned_lr0:
                 log.warning("iteration %d trains with learning rate 0: the schedule (decay over %d iterations to "

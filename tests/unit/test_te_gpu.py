@@ -49,7 +49,7 @@ def poison_cuda_cache(small_bytes: int = 64 << 20, large_bytes: int = 2 << 30) -
 def _steps(argv, poison: bool):
     try:
         r = record_steps(argv, 2, patch=(lambda model: poison_cuda_cache()) if poison else None)
-    except Exception as exc:  # e.g. megatron's "found NaN in local grad norm"
+    except Exception as exc:  # e.g. NonFiniteGradError (grad_norm_check.py)
         return dict(error=f"{type(exc).__name__}: {exc}"[:500])
     losses = [s["loss"][0] / s["loss"][1] for s in r["steps"]]
     bad = sorted({n for s in r["steps"] for n, g in s.get("grads", {}).items() if not torch.isfinite(g).all()})

@@ -1,0 +1,52 @@
+"""Stop on a NaN or Inf gradient at the optimizer's gradient norm, before the update, with no extra
+host synchronisation.
+
+A NaN or Inf anywhere in the gradients makes their global norm NaN or Inf, and megatron's
+``ChainedOptimizer.step`` computes that norm anyway (``get_grad_norm``: reduced over the
+model-parallel ranks and read to the host, the one synchronisation of its step) before it clips and
+updates. ``GradNormCheckedOptimizer`` raises ``NonFiniteGradError`` right there, so the update of
+that iteration is never applied, every rank raises together (the norm is the same on all of them),
+and the run stops saying so. Left to itself, megatron's step would clip by ``max_norm / nan`` (its
+``clip_coeff < 1`` test is then false, so no clipping) and Adam would write NaN into every weight.
+
+This replaces megatron's DDP check (``DistributedDataParallelConfig.check_for_nan_in_grad``) as the
+default: that one reads each gradient bucket's norm to the host at the end of every backward (two
+host synchronisations per bucket), so all the host work after it -- ``finalize_model_grads``, the
+optimizer's per-parameter Python before its own norm -- runs while the GPU waits. With the decoder
+layers replayed from CUDA graphs the host is otherwise far ahead of the GPU by then
+(docs/performance.md). The DDP check stays available (``--check-grad-buckets``): it runs before the
+data-parallel reduction and names the rank and the bucket, a diagnostic for finding where a NaN
+starts.
+"""
+from __future__ import annotations
+
+import math
+
+from megatron.core.optimizer import ChainedOptimizer
+
+__all__ = ["GradNormCheckedOptimizer", "NonFiniteGradError", "checked"]
+
+
+class NonFiniteGradError(FloatingPointError):
+    """The gradient norm of an iteration is NaN or Inf; that iteration's update was not applied."""
+
+
+class GradNormCheckedOptimizer(ChainedOptimizer):
+    """megatron's ``ChainedOptimizer`` whose gradient norm raises ``NonFiniteGradError`` when it is
+    not finite (its ``step`` reads the norm before clipping and updating, so nothing is updated)."""
+
+    def get_grad_norm(self):
+        norm = super().get_grad_norm()
+        if norm is not None and not math.isfinite(float(norm)):
+            raise NonFiniteGradError(
+                f"the gradient norm is {float(norm)}: a NaN or Inf gradient in this iteration's backward "
+                "(a diverged loss, a bad sample, a kernel); the update was not applied and the run stops "
+                "(--check-grad-buckets has megatron's DDP name the first rank and gradient bucket holding it)")
+        return norm
+
+
+def checked(optimizer) -> GradNormCheckedOptimizer:
+    """``optimizer`` from ``get_megatron_optimizer`` (a ``ChainedOptimizer``, or one optimizer) as a
+    ``GradNormCheckedOptimizer`` over the same optimizers (nothing is copied or rebuilt)."""
+    inner = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
+    return GradNormCheckedOptimizer(list(inner))
