@@ -57,11 +57,25 @@ from megatron.core.transformer.spec_utils import build_module
 
 from megatron.mcore_ext.packed_seq import padded_boundaries
 
-__all__ = ["KernelGatedDeltaNet", "GatedRMSNorm", "GDNKernels", "resolve_gdn_kernels", "fla_usable", "FLA_CHUNK"]
+__all__ = ["KernelGatedDeltaNet", "GatedRMSNorm", "GDNKernels", "resolve_gdn_kernels", "fla_usable", "FLA_CHUNK",
+           "host_chunk_map"]
 
 log = logging.getLogger(__name__)
 
 FLA_CHUNK = 64  # fla's default chunk for the gated delta rule and its causal conv1d (both called with it)
+
+
+def host_chunk_map(cu_cpu: torch.Tensor, chunk: int) -> torch.Tensor:
+    """fla's varlen chunk map from host boundaries ``cu_cpu`` ``[samples + 1]``: ``[chunks, 2]`` int64
+    rows ``(sample, chunk within it)`` for every ``chunk``-token chunk of every sample (a sample of
+    0 tokens has none, one of 1..chunk tokens one), in order -- what fla 0.6.0's
+    ``prepare_chunk_indices`` returns (``test_gdn_gpu.py`` compares the two). From Python integers:
+    a few dozen samples take microseconds; fla's tensor version (``repeat_interleave`` on CPU tensors)
+    showed as ~4 ms of host time right before this map's copy in the graphed step's profile, at the
+    start of the forward, while the GPU waited (docs/performance.md)."""
+    b = cu_cpu.tolist()
+    rows = [(i, c) for i in range(len(b) - 1) for c in range(-(-(b[i + 1] - b[i]) // chunk))]
+    return torch.tensor(rows, dtype=torch.long).reshape(-1, 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,9 +264,7 @@ class KernelGatedDeltaNet(GatedDeltaNet):
         if self.kernels.name != "fla" or cache is None:
             return None
         if "fla_chunk_indices" not in cache:
-            from fla.ops.utils.index import prepare_chunk_indices
-
-            host = prepare_chunk_indices(cu_cpu, FLA_CHUNK, cu_seqlens_cpu=cu_cpu)  # fla's own, on the host
+            host = host_chunk_map(cu_cpu, FLA_CHUNK)
             cache["fla_chunk_indices"] = host.to(cu.dtype).pin_memory().to(cu.device, non_blocking=True)
         return cache["fla_chunk_indices"]
 

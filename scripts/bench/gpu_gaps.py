@@ -57,6 +57,32 @@ def step(batch):
 for b in batches[:3] + batches[3:3 + steps]:  # warm up on the profiled batches too: steady state, every shape seen
     step(b)
 tt._sync()
+def sync_sites(batch):
+    """The host synchronisations of one steady step, by where the host made them (CUDA's sync debug mode
+    warns at each; the innermost frames of the warning's stack outside torch name the site)."""
+    import traceback, warnings
+    sites = collections.Counter()
+    def note(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-2] if "/torch/" not in f.filename and "warnings" not in f.filename]
+        sites[" <- ".join(f"{f.filename.split('/site-packages/')[-1].replace(_ROOT + '/', '')}:{f.lineno}"
+                          for f in reversed(frames[-3:]))] += 1
+    show, warnings.showwarning = warnings.showwarning, note
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step(batch)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        warnings.showwarning = show
+    tt._sync()
+    print(f"host synchronisations in one steady step: {sum(sites.values())} (by site, innermost first):")
+    for site, n in sites.most_common(25):
+        print(f"  {n:4d}  {site}")
+if CUDA:
+    sync_sites(batches[3])
 import gc
 gc_log = []
 def _gc_cb(phase, info, t={}):

@@ -1,5 +1,6 @@
 """megatron.mcore_ext.packed_seq: the collate's host copy of the packed boundaries reaches the
-layers that need them on the host (the Gated DeltaNet layers), and the layer checks them there.
+layers that need them on the host (the Gated DeltaNet layers), and the layer checks them there;
+the GDN layer's fla chunk map built from them on the host.
 
 The GPU side (no stream synchronisation at all in an fla layer's forward and backward on host
 boundaries, and fla's chunk map equal to ours) is ``test_gdn_gpu.py``."""
@@ -82,3 +83,22 @@ def test_the_gdn_layer_gives_the_same_output_on_host_boundaries_and_checks_them(
     for kind in ("host", "plain"):
         err = run_distributed(_layer_on, 1, args=(kind, 30))[0]
         assert isinstance(err, str) and "end at 30, the row has 32 tokens" in err, err
+
+
+@pytest.mark.parametrize("bounds, chunk", [([0, 1, 64, 65, 200, 200, 207], 64), ([0, 4096], 64), ([0, 3, 9], 4),
+                                           ([0], 64)])
+def test_host_chunk_map_lists_each_samples_chunks_in_order(bounds, chunk):
+    """The GDN layer's fla chunk map (``gdn.host_chunk_map``) against one derived token by token: the
+    (sample, token offset // chunk) pairs of every token, each once, in order."""
+    from megatron.mcore_ext.gdn import host_chunk_map
+
+    want = []
+    for i in range(len(bounds) - 1):
+        for t in range(bounds[i + 1] - bounds[i]):
+            if (i, t // chunk) not in want[-1:]:
+                want.append((i, t // chunk))
+    got = host_chunk_map(torch.tensor(bounds, dtype=torch.int32), chunk)
+    assert got.dtype == torch.long and got.shape == (len(want), 2)
+    assert [tuple(r) for r in got.tolist()] == want
+    if bounds == [0, 1, 64, 65, 200, 200, 207]:  # by hand: 1, 63, 1, 135, 0 and 7 tokens
+        assert want == [(0, 0), (1, 0), (2, 0), (3, 0), (3, 1), (3, 2), (5, 0)]
