@@ -4,7 +4,8 @@
 In-process (``trainer_steps``): one parameter's gradient is made NaN (a tensor hook) in the second
 iteration; ``train_step`` raises ``NonFiniteGradError`` and every parameter, the Adam moments and
 the step counter are exactly what the first iteration left (the negative control: the same run
-without the hook changes the parameters in its second iteration). The DDP check is off unless
+without the hook changes the parameters in its second iteration). With DP=2 and with PP=2 a NaN
+on one rank stops both, neither updating. The DDP check is off unless
 ``--check-grad-buckets``. Through ``pretrain_multimodal.py``: a learning rate of 1e30 makes the
 second iteration's loss overflow; the run exits 1 naming iteration 2 and the non-finite gradient
 norm, its metrics file holds iteration 1 only; with ``--check-grad-buckets`` megatron's DDP stops
@@ -28,9 +29,11 @@ ROOT = Path(__file__).resolve().parents[2]
 ENTRY = ROOT / "examples" / "multimodal_dev" / "pretrain_multimodal.py"
 
 
-def _two_steps(argv, poison: str | None):
-    """Two of the trainer's iterations, the second with ``poison``'s gradient made NaN; what was
-    raised and the parameters / optimizer state after each iteration."""
+def _two_steps(argv, poison: str | None, world_size: int = 1, poison_rank: int = 0):
+    """Two of the trainer's iterations, the second with ``poison``'s gradient made NaN on rank
+    ``poison_rank`` (``"norm"``: its first norm weight); what was raised and the parameters /
+    optimizer state after each iteration."""
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron.mcore_ext.grad_norm_check import GradNormCheckedOptimizer
@@ -38,10 +41,15 @@ def _two_steps(argv, poison: str | None):
     from multimodal_dev.data.stream import open_data
     from multimodal_dev.training import train_step
 
-    cfg, ddp, model, optimizer, scheduler = build(argv)
+    cfg, ddp, model, optimizer, scheduler = build(argv, world_size)
     _, stream = open_data(cfg.data, model.data_spec, seed=cfg.seed, seq_multiple=cfg.layout.seq_multiple,
-                          reads_data=True, dp_rank=0, dp_size=1)
+                          reads_data=cfg.layout.reads_data(ps.get_tensor_model_parallel_rank()),
+                          dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size())
     params = dict(model.named_parameters())
+    if poison == "norm":
+        poison = next(n for n, p in params.items() if p.requires_grad and "norm" in n)
+    if torch.distributed.get_rank() != poison_rank:
+        poison = None
 
     def snapshot():
         state = {}
@@ -58,8 +66,8 @@ def _two_steps(argv, poison: str | None):
             params[poison].register_hook(lambda g: torch.full_like(g, float("nan")))
         before = snapshot()
         try:
-            train_step(cfg, get_forward_backward_func(), ddp, optimizer, scheduler, stream.next_iteration(),
-                       metrics.IterationStats().hook)
+            train_step(cfg, get_forward_backward_func(), ddp, optimizer, scheduler,
+                       stream.next_iteration() if stream is not None else None, metrics.IterationStats().hook)
         except Exception as e:  # noqa: BLE001 - what was raised is the result
             out["error"] = f"{type(e).__name__}: {e}"
         after = snapshot()
@@ -87,6 +95,19 @@ def test_without_the_nan_the_second_update_happens():  # the negative control of
     r = run_distributed(_two_steps, 1, args=(ARGV, None))[0]
     assert r["error"] is None, r["error"]
     assert POISON in r["params_changed_1"] and r["state_changed_1"] > 0 and r["lr_steps"] == 2
+
+
+@pytest.mark.parametrize("layout, flags, kw", [
+    ("dp2", [], {}),
+    ("pp2", ["--pipeline-model-parallel-size", "2"], dict(pp=2)),
+], ids=["dp2", "pp2"])
+def test_a_nan_on_one_rank_stops_every_rank_before_the_update(layout, flags, kw):
+    """The NaN on rank 0 only: DP averages it into both ranks' gradients, PP keeps it on stage 0,
+    whose norm megatron reduces over the stages; either way both ranks raise, neither updates."""
+    for rank, r in enumerate(run_distributed(_two_steps, 2, **kw, args=(ARGV + flags, "norm", 2, 0), timeout=300)):
+        assert r["error"] is not None and r["error"].startswith("NonFiniteGradError: the gradient norm is nan"), \
+            (rank, r["error"])
+        assert r["params_changed_0"] and r["params_changed_1"] == [] and r["state_changed_1"] == 0, (rank, r)
 
 
 def test_check_grad_buckets_turns_on_megatrons_ddp_check():
