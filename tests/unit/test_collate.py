@@ -217,7 +217,8 @@ def check_batch(batch: dict, truths_: list[Truth], cfg: CollateConfig, n_truncat
     thd = cfg.layout == "thd"
     # A per-token tensor the CP split does not know raises there, and the THD/BSHD decision
     # downstream is made on the presence of cu_seqlens_padded: the key set is part of the contract.
-    keys = {"tokens", "labels", "loss_mask", "position_ids", "padding_mask", "pixel_values", "image_grid_thw", "stats"}
+    keys = {"tokens", "labels", "loss_mask", "position_ids", "padding_mask", "pixel_values", "image_grid_thw", "stats",
+            "image_tokens"}
     if thd:
         keys |= {"cu_seqlens", "cu_seqlens_padded", "cu_seqlens_padded_host", "max_seqlen", "sequence_ids"}
     assert set(batch) == keys
@@ -256,6 +257,8 @@ def check_batch(batch: dict, truths_: list[Truth], cfg: CollateConfig, n_truncat
     assert torch.equal(batch["loss_mask"], exp_loss)
     assert torch.equal(batch["padding_mask"], exp_pad)
     assert torch.equal(batch["position_ids"], exp_pos)
+    # the host count of image-token positions (the model's check reads it instead of the tokens)
+    assert type(batch["image_tokens"]) is int and batch["image_tokens"] == int((exp_tok == IMG).sum())
 
     # ---- the same facts, stated the way the contract states them ----
     pad = batch["padding_mask"]

@@ -97,10 +97,24 @@ def test_bshd_and_thd_give_the_same_token_losses():
 def _mismatch():
     model = _model()
     batch = _batch("bshd")
-    batch["tokens"][1, 0] = IMG  # one image token too many
+    batch["tokens"][1, 0] = IMG  # one image token too many: a batch edited after the collate,
+    del batch["image_tokens"]  # so without the collate's count (the model counts on the device)
     model(batch)
 
 
 def test_image_token_count_mismatch_is_a_clear_error():
     with pytest.raises(Exception, match="produced 6 image embeddings but the text has 7 image tokens"):
         run_distributed(_mismatch, 1)
+
+
+def _count_from_collate():
+    model = _model()
+    batch = _batch("bshd")
+    assert batch["image_tokens"] == 6
+    batch["image_tokens"] = 7  # the collate's host count is what the model compares (no device read)
+    model(batch)
+
+
+def test_the_model_checks_the_vision_output_against_the_collates_count():
+    with pytest.raises(Exception, match="produced 6 image embeddings but the text has 7 image tokens"):
+        run_distributed(_count_from_collate, 1)

@@ -357,6 +357,9 @@ def pack_or_pad_batch(samples: Sequence[Mapping], config: CollateConfig) -> dict
         "padding_mask": torch.from_numpy(padding_out).view(shape),
         "pixel_values": torch.cat(pixel_values, 0) if pixel_values else None,
         "image_grid_thw": torch.from_numpy(np.concatenate(grids, 0)) if grids else None,
+        # the image-token positions of the batch, on the host (the model checks the vision
+        # encoder's output against it without reading the tokens back)
+        "image_tokens": sum(int((sp[:, 1] - sp[:, 0]).sum()) for _, _, sp, _, _ in prepared),
     }
     if cfg.layout == "thd":
         cu = np.zeros(len(prepared) + 1, np.int32)

@@ -160,7 +160,9 @@ class MultimodalModel(MegatronModule):
         if getattr(self.language_model.embedding, "add_position_embedding", False):
             pos = batch["position_ids"][0]  # learned absolute positions (text ids)
         emb = self.language_model.embedding(input_ids=tokens, position_ids=pos)  # [s, b, h]
-        n_img_tok = int((tokens == self.image_token_id).sum()) if self.image_token_id is not None else 0
+        n_img_tok = batch.get("image_tokens")  # the collate's host count (docs/batch.md)
+        if n_img_tok is None:  # a batch built by hand: counted on the device, one host read
+            n_img_tok = int((tokens == self.image_token_id).sum()) if self.image_token_id is not None else 0
         pv = batch.get("pixel_values")
         if pv is None:
             if n_img_tok:
