@@ -1,13 +1,16 @@
-"""Stop on a NaN or Inf gradient at the optimizer's gradient norm, before the update, with no extra
-host synchronisation.
+"""Stop on a NaN or Inf gradient at the optimizer's gradient norm, before the update, with one host
+synchronisation per step.
 
 A NaN or Inf anywhere in the gradients makes their global norm NaN or Inf, and megatron's
-``ChainedOptimizer.step`` computes that norm anyway (``get_grad_norm``: reduced over the
-model-parallel ranks and read to the host, the one synchronisation of its step) before it clips and
-updates. ``GradNormCheckedOptimizer`` raises ``NonFiniteGradError`` right there, so the update of
-that iteration is never applied, every rank raises together (the norm is the same on all of them),
-and the run stops saying so. Left to itself, megatron's step would clip by ``max_norm / nan`` (its
-``clip_coeff < 1`` test is then false, so no clipping) and Adam would write NaN into every weight.
+``ChainedOptimizer.step`` computes that norm anyway (``get_grad_norm``, reduced over the
+model-parallel ranks) before it clips and updates. ``GradNormCheckedOptimizer`` reads it there and
+raises ``NonFiniteGradError``, so the update of that iteration is never applied, every rank raises
+together (the norm is the same on all of them), and the run stops saying so. Left to itself,
+megatron's step would clip by ``max_norm / nan`` (a NaN scale, or none at all where its float
+``clip_coeff < 1`` test is false) and Adam would write NaN into every weight. The read costs nothing extra without TE and apex
+(megatron-core 0.19.2's fallback norm calls ``.item()`` itself); with them megatron keeps the norm on
+the device, and this read is the step's one host synchronisation (a device-side skip of the update
+would remove it: docs/performance.md).
 
 This replaces megatron's DDP check (``DistributedDataParallelConfig.check_for_nan_in_grad``) as the
 default: that one reads each gradient bucket's norm to the host at the end of every backward (two
