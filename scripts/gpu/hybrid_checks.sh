@@ -14,6 +14,9 @@
 #   mix      the variable-length image+text mix (4 samples of <= 4,096 tokens): ours BSHD and THD (rows
 #            padded to 1,024: few packed lengths, so few of fla's recompilations), two passes of the
 #            same steps, the second the steady state (issue 16's goal: THD >= 1.5x BSHD)
+#   mixg     the same mix, THD with --cuda-graph-layers, both layouts with the trainer flags in $MIXARGS
+#            (default TE's fused cross entropy: "--cross-entropy-loss-fusion --cross-entropy-fusion-impl te",
+#            so TE must be carried; measured 1.48x THD / BSHD in the eighth session)
 #   profile  where the eager hybrid step waits (gpu_gaps.py; the trace stays out of $OUT)
 #   gprofile the same for the step with --cuda-graph-layers (our fastest; where the 2x of issue 16 went)
 #   pack     the Triton cache into $OUT (scripts/gpu/triton_cache.sh), to carry to the next lease
@@ -42,6 +45,11 @@ for step in ${@:-tests check bench graphs mix profile gprofile pack}; do
     mix) timeout "$S" python3 scripts/bench/train_throughput.py --variant proxy-hybrid --seq-length 4096 \
            --samples-per-step 4 --warmup 3 --steps 8 --passes 2 --no-gemm-check --configs ours-bshd,ours-thd --skip-hf \
            --thd-row-multiple 1024 --json "$O/hybrid_mix.json" > "$O/hybrid_mix.log" 2>&1; q 12 < "$O/hybrid_mix.log" ;;
+    mixg) timeout "$S" python3 scripts/bench/train_throughput.py --variant proxy-hybrid --seq-length 4096 \
+            --samples-per-step 4 --warmup 3 --steps 8 --passes 2 --no-gemm-check --configs ours-bshd,ours-thd --skip-hf \
+            --thd-row-multiple 1024 --cuda-graph-layers \
+            --megatron-args="${MIXARGS:---cross-entropy-loss-fusion --cross-entropy-fusion-impl te}" \
+            --json "$O/hybrid_mix_graphs.json" > "$O/hybrid_mix_graphs.log" 2>&1; q 12 < "$O/hybrid_mix_graphs.log" ;;
     profile) timeout "$S" python3 scripts/bench/gpu_gaps.py proxy-hybrid thd 2048 4 /tmp/prof 4 --no-gemm-check \
              --min-tokens 2048 --max-tokens 2048 --image-prob 0 > "$O/gpu_gaps_hybrid.txt" 2>&1
            grep -A14 "steps: wall" "$O/gpu_gaps_hybrid.txt" | cut -c1-200 ;;
@@ -49,6 +57,6 @@ for step in ${@:-tests check bench graphs mix profile gprofile pack}; do
                 --min-tokens 2048 --max-tokens 2048 --image-prob 0 --cuda-graph-layers > "$O/gpu_gaps_hybrid_graphs.txt" 2>&1
               grep -A14 "steps: wall" "$O/gpu_gaps_hybrid_graphs.txt" | cut -c1-200 ;;
     pack) bash scripts/gpu/triton_cache.sh pack ;;
-    *) echo "unknown step $step (tests check bench graphs graphsab mix profile gprofile pack)"; exit 2 ;;
+    *) echo "unknown step $step (tests check bench graphs graphsab mix mixg profile gprofile pack)"; exit 2 ;;
   esac
 done

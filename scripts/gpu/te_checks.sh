@@ -4,7 +4,8 @@
 #   bash scripts/gpu/te_checks.sh [STEP ...]     (default: all steps, in this order)
 #   tests    GPU tests with TE: the core attention against ours at head dims 64/128/256 (and TE's own
 #            kernel still wrong at 256), poisoned-memory training steps (TE vs local, THD and BSHD),
-#            TE's thd_get_partitioned_indices against our THD CP split, the backend choice
+#            TE's thd_get_partitioned_indices against our THD CP split, the backend choice, the
+#            loss through TE's fused cross entropy (--cross-entropy-fusion-impl te) against the unfused
 #   bench    train_throughput.py --variant proxy, 4 samples of up to 4,096 tokens, local and TE side by
 #            side in one run (ours-* and ours-te-*, BSHD and THD)
 #   experts  TE with megatron's own experts loop (--no-grouped-experts --no-sync-free-dispatch): where
@@ -23,6 +24,7 @@ for step in ${@:-tests bench graphs experts gv thd3}; do
   case $step in
     tests) timeout "$S" python3 -m pytest -q -s -rs tests/unit/test_te_gpu.py tests/unit/test_qwen35_registry.py \
              "tests/unit/test_cp_split.py::test_matches_transformer_engine_thd_get_partitioned_indices" \
+             "tests/unit/test_lm_loss.py::test_qwen35_training_loss_goes_through_tes_fused_cross_entropy" \
              -p no:cacheprovider > "$O/te_tests.log" 2>&1
            grep -E "^[0-9]+ \{|^raw TE|^te |^local |passed|failed|SKIPPED" "$O/te_tests.log" | cut -c1-300 ;;
     bench) timeout "$S" $B --configs ours-bshd,ours-thd,ours-te-bshd,ours-te-thd --json "$O/bench_local_te.json" \

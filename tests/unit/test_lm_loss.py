@@ -2,7 +2,8 @@
 gradients -- its output layer + ``vocab_parallel_cross_entropy`` -- on one rank and under tensor
 parallelism (with and without sequence parallelism), whatever the chunking; and the Qwen3.5 model
 takes it for training losses only. Also: with ``--cross-entropy-loss-fusion``'s option the model's
-loss goes through megatron-core's fused cross entropy, with the unfused loss and gradients."""
+loss goes through megatron-core's fused cross entropy (``native`` on CPU, ``te`` on the GPU machine),
+with the unfused loss and gradients."""
 from __future__ import annotations
 
 import pytest
@@ -153,47 +154,60 @@ def test_qwen35_training_loss_goes_through_the_chunked_head():
     assert run_distributed(_model_case, world_size=1) == [True]
 
 
-def _fused_case():
-    """Qwen3.5 tiny, built twice from one seed, without and with megatron-core's native fused cross
-    entropy (``BuildOptions.cross_entropy_fusion``, from ``--cross-entropy-loss-fusion``): the fused
-    function runs (and only with the option), the loss equals the unfused one, every gradient too up
-    to the bf16 rounding of the logits' gradient that megatron's fused backward does."""
+def _fused_case(impl: str = "native"):
+    """Qwen3.5 tiny (fp32), built twice from one seed, without and with megatron-core's fused cross
+    entropy ``impl`` (``BuildOptions.cross_entropy_fusion``, from ``--cross-entropy-loss-fusion
+    --cross-entropy-fusion-impl``): the fused function runs (and only with the option), the loss
+    equals the unfused one, every gradient too -- up to the bf16 rounding of the logits' gradient
+    that ``native``'s backward does; ``te`` (Transformer Engine's Triton kernel, on the GPU) keeps
+    the logits' dtype."""
     import megatron.core.models.common.language_module.language_module as lm_mod
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from multimodal_dev.models import BuildOptions
     from multimodal_dev.models.qwen35_vl.model import build_qwen35_language_model
 
     text, tokens, labels, pos, weights = _tiny_batch()
+    dev = "cuda" if impl == "te" else "cpu"
+    tokens, labels, pos, weights = (t.to(dev) for t in (tokens, labels, pos, weights))
 
     def run(fusion):
         torch.manual_seed(7)
         model_parallel_cuda_manual_seed(7)
         opts = BuildOptions(pre_process=True, post_process=True, cross_entropy_fusion=fusion)
-        model = build_qwen35_language_model(text, opts).cpu()
+        model = build_qwen35_language_model(text, opts).to(dev)
         assert model.config.cross_entropy_loss_fusion is (fusion is not None)
         loss = model(input_ids=tokens, position_ids=pos, attention_mask=None, labels=labels)
         (loss * weights).sum().backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}
 
     calls = []
-    real = _spy(lm_mod, "fused_vocab_parallel_cross_entropy", calls)
+    name = {"native": "fused_vocab_parallel_cross_entropy", "te": "te_parallel_cross_entropy"}[impl]
+    real = _spy(lm_mod, name, calls)
     try:
         want = run(None)
         assert not calls
-        got = run("native")
+        got = run(impl)
         assert calls == [1], "the fused cross entropy did not run"
     finally:
-        lm_mod.fused_vocab_parallel_cross_entropy = real
-    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+        setattr(lm_mod, name, real)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5 if impl == "te" else 1e-6, atol=1e-5 if impl == "te" else 1e-6)
     assert got[1].keys() == want[1].keys() and "output_layer.weight" in got[1]
     worst = 0.0
-    for n in want[1]:  # the logits' gradient rounded to bf16 (<= 2^-9 relative per entry) and carried back
+    for n in want[1]:  # native: the logits' gradient rounded to bf16 (<= 2^-9 relative per entry) and carried back
         err = float((got[1][n] - want[1][n]).norm() / want[1][n].norm().clamp_min(1e-30))
         worst = max(worst, err)
-        assert err <= 1e-2, (n, err)
-    assert worst > 0.0  # the fused backward's bf16 rounding is there: its backward ran too (seen: 2.2e-3)
+        assert err <= (1e-3 if impl == "te" else 1e-2), (n, err)
+    if impl == "native":
+        assert worst > 0.0  # the fused backward's bf16 rounding is there: its backward ran too (seen: 2.2e-3)
     return True
 
 
 def test_qwen35_training_loss_goes_through_megatrons_fused_cross_entropy():
     assert run_distributed(_fused_case, world_size=1) == [True]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Transformer Engine's fused cross entropy is a GPU "
+                    "(Triton) kernel: GPU machine only")
+def test_qwen35_training_loss_goes_through_tes_fused_cross_entropy():
+    pytest.importorskip("transformer_engine", reason="Transformer Engine is not installed (an optional accelerator)")
+    assert run_distributed(_fused_case, world_size=1, gpu=True, args=("te",)) == [True]
