@@ -87,6 +87,7 @@ def _batch(layout):
     b.pop("stats")
     b.pop("pixel_values")
     b.pop("image_grid_thw")
+    b.pop("image_tokens")  # text only: the model counts image tokens itself (0) on row subsets too
     if "cu_seqlens_padded" in b:  # which packed sample each position is in (for seq_aux_loss)
         cu = b["cu_seqlens_padded"].long()
         b["seq_ids"] = torch.repeat_interleave(torch.arange(cu.numel() - 1), cu[1:] - cu[:-1])[None]
