@@ -104,6 +104,20 @@ def _teardown_layout() -> None:
     # the schedule's later set_loss_scale(shape [1]) then fails to copy into it (the next test's)
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
     ps.destroy_model_parallel()
+    _destroy_call_groups()
+
+
+def _destroy_call_groups() -> None:
+    """Destroy every process group but the pool's default one: megatron's ``destroy_model_parallel``
+    only forgets the groups of a layout (a few dozen, gloo twins included), and each live gloo group
+    keeps a polling thread in the rank. Kept, a pooled rank had thousands of them by the end of a
+    CI run, busy on the same two cores as every later test."""
+    import torch.distributed as dist
+
+    default = dist.distributed_c10d._get_default_group()
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if group is not default:
+            dist.destroy_process_group(group)
 
 
 def _worker_main(rank: int, world_size: int, port: int, task_q, result_q) -> None:

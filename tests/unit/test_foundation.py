@@ -66,6 +66,26 @@ def test_run_distributed_reports_failures_and_recovers():
     assert [r["tp"][1] for r in res] == [0, 1]
 
 
+def _threads_and_groups():
+    """This rank's native threads (gloo runs one loop thread per process group) and the process
+    groups torch knows of, besides the default one."""
+    import torch.distributed as dist
+
+    return len(os.listdir("/proc/self/task")), len(dist.distributed_c10d._world.pg_map) - 1
+
+
+def test_a_pooled_rank_keeps_no_process_group_of_an_earlier_call():
+    """Each call's layout makes megatron's dozens of groups; megatron's teardown only forgets them.
+    Left alive, every gloo group keeps a polling thread in the pooled rank, and the ranks of a CI
+    run (thousands of groups by its end) slowed every later test on the same cores."""
+    before = run_distributed(_threads_and_groups, world_size=2, tp=2)
+    for _ in range(3):
+        run_distributed(_ranks_and_groups, world_size=2, tp=2)
+    after = run_distributed(_threads_and_groups, world_size=2, tp=2)
+    assert after == before, (before, after)  # per rank: (threads, groups) inside a call
+    assert all(groups > 0 for _, groups in after)  # (a call's own layout made some)
+
+
 def test_run_distributed_rejects_impossible_layout():
     with pytest.raises(ValueError, match="not divisible by tp\\*pp\\*cp"):
         run_distributed(_ranks_and_groups, world_size=2, tp=4)
