@@ -27,7 +27,7 @@ COMMON = [
 KEYS = ("lm_loss", "load_balancing_loss", "grad_norm", "lr")
 
 
-def _run(args, nproc=1, fault=None, timeout=240):
+def _run(args, nproc=1, fault=None, timeout=600):
     """The trainer (nproc 1) or torchrun over it, in a session of its own (a fault's SIGTERM to
     the process group reaches it and its workers, not pytest)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -155,7 +155,7 @@ def test_a_resume_may_freeze_more_not_less(caplog):
         "for it is not read"]
 
 
-def _run(args, timeout=240):
+def _run(args, timeout=600):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
