@@ -16,7 +16,8 @@ The ranks are CPU ranks on every machine: they are started with ``CUDA_VISIBLE_D
 on a GPU machine too they see no GPU and run megatron-core through the CPU runtime -- the same
 code path as in CI. ``gpu=True`` keeps the GPUs visible instead (tests of GPU kernels), one GPU per rank,
 with NCCL for CUDA tensors and gloo for CPU ones (``cpu:gloo,cuda:nccl``). Parallel state, the RNG tracker and the MoE aux-loss
-tracker are always torn down afterwards, also when the function raises.
+tracker are always torn down afterwards, also when the function raises, and every process group
+but the default one is destroyed (a live gloo group keeps a polling thread in the rank).
 
 The ranks are kept alive between calls (one pool per world size; starting a process that imports
 torch and megatron-core costs seconds on a small machine), with the default gloo process group
