@@ -112,13 +112,18 @@ def _destroy_call_groups() -> None:
     """Destroy every process group but the pool's default one: megatron's ``destroy_model_parallel``
     only forgets the groups of a layout (a few dozen, gloo twins included), and each live gloo group
     keeps a polling thread in the rank. Kept, a pooled rank had thousands of them by the end of a
-    CI run, busy on the same two cores as every later test."""
+    CI run, busy on the same two cores as every later test. A destroyed group's threads end when
+    its object is freed, and the trainer's model, DDP and optimizer hold the groups in reference
+    cycles that a rank idling in ``queue.get`` never collects: hence the collection here."""
+    import gc
+
     import torch.distributed as dist
 
     default = dist.distributed_c10d._get_default_group()
     for group in list(dist.distributed_c10d._world.pg_map):
         if group is not default:
             dist.destroy_process_group(group)
+    gc.collect()
 
 
 def _worker_main(rank: int, world_size: int, port: int, task_q, result_q) -> None:

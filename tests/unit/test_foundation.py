@@ -67,20 +67,29 @@ def test_run_distributed_reports_failures_and_recovers():
 
 
 def _threads_and_groups():
-    """This rank's native threads (gloo runs one loop thread per process group) and the process
-    groups torch knows of, besides the default one."""
+    """This rank's native threads (a gloo process group runs a loop thread and worker threads) and
+    the process groups torch knows of, besides the default one."""
     import torch.distributed as dist
 
     return len(os.listdir("/proc/self/task")), len(dist.distributed_c10d._world.pg_map) - 1
 
 
+def _trainer_model():
+    """The trainer's model, DDP and optimizer (their reference cycles hold process groups)."""
+    from trainer_steps import COMMON, build
+
+    build(COMMON, 2)
+
+
 def test_a_pooled_rank_keeps_no_process_group_of_an_earlier_call():
-    """Each call's layout makes megatron's dozens of groups; megatron's teardown only forgets them.
-    Left alive, every gloo group keeps a polling thread in the pooled rank, and the ranks of a CI
-    run (thousands of groups by its end) slowed every later test on the same cores."""
+    """Each call's layout makes megatron's dozens of groups; megatron's teardown only forgets them,
+    and the trainer's objects keep them alive in reference cycles that an idle rank never collects.
+    Left alive, every gloo group keeps its threads polling in the pooled rank: by the end of a CI
+    run thousands of them, slowing every later test on the same cores."""
     before = run_distributed(_threads_and_groups, world_size=2, tp=2)
-    for _ in range(3):
-        run_distributed(_ranks_and_groups, world_size=2, tp=2)
+    run_distributed(_ranks_and_groups, world_size=2, tp=2)
+    for _ in range(2):
+        run_distributed(_trainer_model, world_size=2)
     after = run_distributed(_threads_and_groups, world_size=2, tp=2)
     assert after == before, (before, after)  # per rank: (threads, groups) inside a call
     assert all(groups > 0 for _, groups in after)  # (a call's own layout made some)
