@@ -81,6 +81,7 @@ class OptimizerArgs:
     clip_grad: float
     use_distributed_optimizer: bool
     check_grad_buckets: bool  # --check-grad-buckets: megatron's DDP NaN/Inf check per bucket too
+    host_grad_norm_check: bool  # --host-grad-norm-check: the grad norm read before the update (grad_norm_check.py)
     override_scheduler: bool  # --override-opt-param-scheduler: the flags win over a checkpoint's schedule
     use_checkpoint_scheduler: bool  # --use-checkpoint-opt-param-scheduler: the checkpoint's schedule wins
 
@@ -200,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard optimizer state over DP (needs a GPU: megatron-core's distributed optimizer assumes CUDA tensors)")
     g.add_argument("--check-grad-buckets", action="store_true", help="also megatron's DDP NaN/Inf check of each "
                    "gradient bucket, naming rank and bucket (host syncs; a non-finite grad norm stops the run anyway)")
+    g.add_argument("--host-grad-norm-check", action="store_true", help="read the grad norm before the update (a sync)")
     g.add_argument("--moe-token-dispatcher-type", default="allgather", choices=["allgather", "alltoall"])
     g.add_argument("--no-grouped-experts", action="store_true",
                    help="run the routed experts with megatron's SequentialMLP loop instead of two grouped "
@@ -396,14 +398,12 @@ def _optimizer(a: argparse.Namespace) -> OptimizerArgs:
         raise ArgumentError("--use-distributed-optimizer needs a GPU: megatron-core 0.19.2's distributed optimizer "
                             "only accepts torch.cuda tensors (the plain optimizer is used on CPU)")
     if a.override_opt_param_scheduler and a.use_checkpoint_opt_param_scheduler:
-        raise ArgumentError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude "
-                            "each other (the flags' schedule or the checkpoint's)")
+        raise ArgumentError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each other")
     return OptimizerArgs(lr=a.lr, min_lr=a.min_lr, warmup_iters=a.lr_warmup_iters, decay_style=a.lr_decay_style,
                          decay_iters=decay_iters, weight_decay=a.weight_decay, adam_beta1=a.adam_beta1,
-                         adam_beta2=a.adam_beta2, clip_grad=a.clip_grad,
-                         use_distributed_optimizer=a.use_distributed_optimizer, check_grad_buckets=a.check_grad_buckets,
-                         override_scheduler=a.override_opt_param_scheduler,
-                         use_checkpoint_scheduler=a.use_checkpoint_opt_param_scheduler)
+                         adam_beta2=a.adam_beta2, clip_grad=a.clip_grad, use_distributed_optimizer=a.use_distributed_optimizer,
+                         check_grad_buckets=a.check_grad_buckets, host_grad_norm_check=a.host_grad_norm_check,
+                         override_scheduler=a.override_opt_param_scheduler, use_checkpoint_scheduler=a.use_checkpoint_opt_param_scheduler)
 
 
 def _checkpoint(a: argparse.Namespace) -> CheckpointArgs:

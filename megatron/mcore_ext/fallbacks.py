@@ -155,10 +155,19 @@ def use_fused_adam(optimizer) -> int:
 
 def fused_adam_summary(optimizer, switched: int) -> str:
     """One log line: which Adam implementation megatron built and how many groups ``use_fused_adam``
-    switched to torch's fused kernel (a TE/apex ``FusedAdam`` is fused already: 0 switched is right)."""
-    kinds = {type(getattr(o, "optimizer", o)) for o in getattr(optimizer, "chained_optimizers", None) or [optimizer]}
+    switched to torch's fused kernel (a TE/apex ``FusedAdam`` is fused already: 0 switched is right), and
+    what ``grad_norm_check.checked`` chose: FusedAdams replaced, or the host read kept."""
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    kinds = {type(getattr(o, "optimizer", o)) for o in inner}
     names = sorted(f"{k.__module__.split('.')[0]}.{k.__name__}" for k in kinds)
-    return f"{', '.join(names)}; torch's fused AdamW kernel switched on for {switched} parameter groups"
+    line = f"{', '.join(names)}; torch's fused AdamW kernel switched on for {switched} parameter groups"
+    if replaced := getattr(optimizer, "replaced_fused_adam", 0):  # grad_norm_check.checked
+        line += (f"; megatron's FusedAdam replaced by torch's fused AdamW in {replaced} of {len(inner)} "
+                 "optimizers (the same update; it can skip an update on the device, so the gradient-norm check "
+                 "reads the norm after the update is queued; --host-grad-norm-check keeps FusedAdam)")
+    elif getattr(optimizer, "host_check", False):
+        line += "; the gradient norm is read before the update (--host-grad-norm-check)"
+    return line
 
 
 def init_empty_adam_state(optimizer) -> int:

@@ -1,55 +1,150 @@
-"""Stop on a NaN or Inf gradient at the optimizer's gradient norm, before the update, with one host
-synchronisation per step.
+"""Stop on a NaN or Inf gradient at the optimizer's gradient norm, without applying that update.
 
 A NaN or Inf anywhere in the gradients makes their global norm NaN or Inf, and megatron's
 ``ChainedOptimizer.step`` computes that norm anyway (``get_grad_norm``, reduced over the
-model-parallel ranks) before it clips and updates. ``GradNormCheckedOptimizer`` reads it there and
-raises ``NonFiniteGradError``, so the update of that iteration is never applied, every rank raises
-together (the norm is the same on all of them), and the run stops saying so. Left to itself,
-megatron's step would clip by ``max_norm / nan`` (a NaN scale, or none at all where its float
-``clip_coeff < 1`` test is false) and Adam would write NaN into every weight. The read costs nothing extra without TE and apex
-(megatron-core 0.19.2's fallback norm calls ``.item()`` itself); with them megatron keeps the norm on
-the device, and this read is the step's one host synchronisation (a device-side skip of the update
-would remove it: docs/performance.md).
+model-parallel ranks) before it clips and updates. Left to itself, megatron's step would clip by
+``max_norm / nan`` (a NaN scale, or none at all where its float ``clip_coeff < 1`` test is false)
+and Adam would write NaN into every weight. ``GradNormCheckedOptimizer`` raises
+``NonFiniteGradError`` instead; every rank raises together (the norm is the same on all of them)
+and the run stops saying so, with no weight, moment or step counter changed. Two ways, chosen per
+step by where megatron left the norm:
+
+* **On the device** (megatron keeps the norm a CUDA tensor when TE or apex provides its
+  multi-tensor kernels) and every chained optimizer is torch's fused Adam(W): the norm's
+  ``~isfinite`` goes to the optimizers as their ``found_inf`` -- torch's own protocol for fused
+  optimizers (``torch.amp.GradScaler`` sets the same attribute): the fused kernel then skips the
+  update and takes back its step count, on the device. The norm is read to the host once, *after*
+  the update's kernels are queued, and a non-finite one raises there. Why: a host read before the
+  update makes the host wait for the whole backward and then run the optimizer's Python (megatron's
+  clipping lists, the Adam launch, the main -> model copy: ~12 ms a step for ``proxy-hybrid``'s
+  1,062 tensors) while the GPU waits (docs/performance.md).
+* **On the host** otherwise (megatron-core 0.19.2's fallback norm without TE/apex is a float: it
+  calls ``.item()`` itself; or an optimizer that cannot skip on the device): read before the
+  update, which then never starts. ``host_check=True`` forces this way (``--host-grad-norm-check``).
+
+``checked`` also replaces TE's / apex's ``FusedAdam`` -- what megatron builds whenever either is
+importable -- by torch's fused AdamW under the plain (not distributed) optimizer: the same update
+(AdamW, bias correction, eps after the square root) in one multi-tensor kernel of the same speed
+(13.5 vs 13.7 ms a step on one H200, docs/performance.md), but TE's non-capturable kernel ignores its
+no-op flag ("I'd like this kernel to propagate infs/nans", TE's ``multi_tensor/adam.cu``), so it
+cannot skip on the device. Not replaced: a ``FusedAdam`` with a state already, capturable, holding
+master weights or non-fp32 moments (the precision-aware optimizer), and any under the distributed
+optimizer (megatron's state handling there is written per Adam class).
 
 This replaces megatron's DDP check (``DistributedDataParallelConfig.check_for_nan_in_grad``) as the
 default: that one reads each gradient bucket's norm to the host at the end of every backward (two
-host synchronisations per bucket), so all the host work after it -- ``finalize_model_grads``, the
-optimizer's per-parameter Python before its own norm -- runs while the GPU waits. With the decoder
-layers replayed from CUDA graphs the host is otherwise far ahead of the GPU by then
-(docs/performance.md). The DDP check stays available (``--check-grad-buckets``): it runs before the
-data-parallel reduction and names the rank and the bucket, a diagnostic for finding where a NaN
-starts.
+host synchronisations per bucket). It stays available (``--check-grad-buckets``): it runs before
+the data-parallel reduction and names the rank and the bucket, a diagnostic for finding where a
+NaN starts.
 """
 from __future__ import annotations
 
 import math
 
+import torch
 from megatron.core.optimizer import ChainedOptimizer
 
-__all__ = ["GradNormCheckedOptimizer", "NonFiniteGradError", "checked"]
+__all__ = ["GradNormCheckedOptimizer", "NonFiniteGradError", "checked", "torch_adam_for_fused_adam"]
 
 
 class NonFiniteGradError(FloatingPointError):
     """The gradient norm of an iteration is NaN or Inf; that iteration's update was not applied."""
 
 
+def _error(norm: float, where: str) -> NonFiniteGradError:
+    return NonFiniteGradError(
+        f"the gradient norm is {norm}: a NaN or Inf gradient in this iteration's backward (a diverged loss, a "
+        f"bad sample, a kernel); the update was not applied ({where}) and the run stops (--check-grad-buckets "
+        "has megatron's DDP name the first rank and gradient bucket holding it)")
+
+
+def _device_skippers(chained) -> list | None:
+    """The torch optimizers under ``chained`` when every one can skip its update on the device
+    (torch's Adam/AdamW with every non-empty group fused), else None."""
+    inner = []
+    for opt in chained:
+        if getattr(opt, "is_stub_optimizer", False):
+            continue
+        torch_opt = getattr(opt, "optimizer", None)
+        if not isinstance(torch_opt, (torch.optim.Adam, torch.optim.AdamW)):
+            return None
+        if not all(g.get("fused") for g in torch_opt.param_groups if g["params"]):
+            return None
+        inner.append(torch_opt)
+    return inner or None
+
+
 class GradNormCheckedOptimizer(ChainedOptimizer):
-    """megatron's ``ChainedOptimizer`` whose gradient norm raises ``NonFiniteGradError`` when it is
-    not finite (its ``step`` reads the norm before clipping and updating, so nothing is updated)."""
+    """megatron's ``ChainedOptimizer`` that raises ``NonFiniteGradError`` for a non-finite gradient
+    norm, its update not applied (module docstring: on the device or on the host)."""
+
+    host_check = False  # True: always read the norm before the update
+    _unread = None  # (device norm, optimizers given its found_inf) until step() reads it
 
     def get_grad_norm(self):
         norm = super().get_grad_norm()
+        skippers = None if self.host_check or not torch.is_tensor(norm) else _device_skippers(self.chained_optimizers)
+        if skippers is not None:
+            flag = (~torch.isfinite(norm)).to(torch.float32).reshape(())
+            for opt in skippers:
+                opt.found_inf = flag  # read by torch's fused kernel: skip the update, keep the step count
+            self._unread = (norm, skippers)
+            return norm
         if norm is not None and not math.isfinite(float(norm)):
-            raise NonFiniteGradError(
-                f"the gradient norm is {float(norm)}: a NaN or Inf gradient in this iteration's backward "
-                "(a diverged loss, a bad sample, a kernel); the update was not applied and the run stops "
-                "(--check-grad-buckets has megatron's DDP name the first rank and gradient bucket holding it)")
+            raise _error(float(norm), "the norm was read before it")
         return norm
 
+    def step(self):
+        self._unread = None
+        try:
+            result = super().step()
+        finally:
+            unread, self._unread = self._unread, None
+            for opt in unread[1] if unread else ():
+                del opt.found_inf
+        if unread is not None:
+            value = float(unread[0])  # the step's one host read, after its update was queued
+            if not math.isfinite(value):
+                raise _error(value, "skipped on the device")
+        return result
 
-def checked(optimizer) -> GradNormCheckedOptimizer:
+
+def torch_adam_for_fused_adam(chained) -> int:
+    """Replace each TE / apex ``FusedAdam`` that megatron built under a plain optimizer of
+    ``chained`` by torch's fused AdamW (Adam) over the same parameter groups (module docstring says
+    why and which are kept). Before the first step. Returns the number replaced."""
+    from megatron.core import optimizer as mcore_optimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if mcore_optimizer.USING_PYTORCH_OPTIMIZER:
+        return 0
+    n = 0
+    for opt in chained:
+        fused = getattr(opt, "optimizer", None)
+        if (type(fused) is not mcore_optimizer.Adam or isinstance(opt, DistributedOptimizer) or len(fused.state)
+                or getattr(fused, "capturable", False) or getattr(fused, "master_weights", False)
+                or getattr(fused, "use_decoupled_grad", False)
+                or any(d != torch.float32 for d in getattr(fused, "name_to_dtype_map", {}).values())):
+            continue
+        groups = fused.param_groups
+        if not groups or not all(p.is_floating_point() for g in groups for p in g["params"]):
+            continue
+        first = groups[0]
+        decoupled = getattr(fused, "adam_w_mode", first.get("adam_w_mode", True))
+        cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+        opt.optimizer = cls(groups, lr=first["lr"], betas=first["betas"], eps=first["eps"],
+                            weight_decay=first["weight_decay"], fused=True)
+        n += 1
+    return n
+
+
+def checked(optimizer, host_check: bool = False) -> GradNormCheckedOptimizer:
     """``optimizer`` from ``get_megatron_optimizer`` (a ``ChainedOptimizer``, or one optimizer) as a
-    ``GradNormCheckedOptimizer`` over the same optimizers (nothing is copied or rebuilt)."""
+    ``GradNormCheckedOptimizer`` over the same optimizers (nothing is copied or rebuilt but a
+    replaced ``FusedAdam``, which has no state yet). ``host_check``: read the norm before the update
+    always, and keep megatron's ``FusedAdam``."""
     inner = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
-    return GradNormCheckedOptimizer(list(inner))
+    replaced = 0 if host_check else torch_adam_for_fused_adam(inner)
+    out = GradNormCheckedOptimizer(list(inner))
+    out.host_check, out.replaced_fused_adam = host_check, replaced  # the trainer logs both (fused_adam_summary)
+    return out

@@ -402,7 +402,9 @@ def test_a_format_2_checkpoint_of_the_local_backend_still_resumes(tmp_path):
     _same(_metrics(tmp_path / "m.jsonl"), _metrics(tmp_path / "ref.jsonl")[2:])
 
 
-GROUP_STEP_ADAM = ["--plugin", str(ROOT / "tests" / "plugins" / "group_step_adam.py")]
+# --host-grad-norm-check: the trainer keeps the FusedAdam megatron built (by default the plain
+# optimizer gets torch's fused AdamW instead, megatron.mcore_ext.grad_norm_check)
+GROUP_STEP_ADAM = ["--plugin", str(ROOT / "tests" / "plugins" / "group_step_adam.py"), "--host-grad-norm-check"]
 
 
 def test_an_adam_keeping_its_step_per_group_resumes_with_it(tmp_path):
@@ -422,6 +424,24 @@ def test_an_adam_keeping_its_step_per_group_resumes_with_it(tmp_path):
                                          "--metrics-file", str(tmp_path / "m.jsonl")])
     assert r.returncode == 0, r.stderr[-3000:]
     _same(_metrics(tmp_path / "m.jsonl"), _metrics(tmp_path / "ref.jsonl")[3:])
+
+
+def test_a_checkpoint_of_a_fused_adam_resumes_into_the_torch_adamw_that_replaces_it(tmp_path):
+    """A checkpoint saved by the plain optimizer over FusedAdam (the step per parameter group; what
+    every run with TE saved before the replacement) resumes into today's default, torch's fused AdamW
+    (the step per parameter): the resumed losses continue FusedAdam's uninterrupted run (within the
+    rounding of two Adam implementations), i.e. Adam's bias correction goes on from step 3."""
+    plugin = GROUP_STEP_ADAM[:2]
+    ref = _run(COMMON + GROUP_STEP_ADAM + ["--train-iters", "6", "--metrics-file", str(tmp_path / "ref.jsonl")])
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    saved = _run(COMMON + GROUP_STEP_ADAM + ["--train-iters", "6", "--exit-after-iters", "3",
+                                             "--save", str(tmp_path / "c"), "--save-interval", "3"])
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    r = _run(COMMON + plugin + ["--train-iters", "6", "--load", str(tmp_path / "c"),
+                                "--metrics-file", str(tmp_path / "m.jsonl")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "FusedAdam replaced by torch's fused AdamW in 1 of 1 optimizers" in r.stderr, r.stderr[-3000:]
+    _same(_metrics(tmp_path / "m.jsonl"), _metrics(tmp_path / "ref.jsonl")[3:], rel=1e-4)
 
 
 def _dist_opt_sd(step):

@@ -140,3 +140,96 @@ def test_a_diverged_run_stops_naming_the_iteration(tmp_path, flags, needle):
     assert p.returncode == 1, p.stderr[-2000:]
     assert needle in p.stderr, p.stderr[-2000:]
     assert [r["iteration"] for r in records if r["split"] == "train"] == [1]
+
+
+# ------------------------------------------------------------------------------------------------
+# The device path: megatron with TE/apex keeps the norm a device tensor; then the update is skipped
+# by torch's fused Adam(W) itself (``found_inf``) and the norm is read only after the update was
+# launched. On CPU, megatron's norm is a float (its fallback calls .item()), so these runs hand the
+# same value back as a tensor (what the TE path returns) and clip nothing (--clip-grad 0: megatron's
+# tensor clipping needs TE's multi-tensor kernel).
+DEVICE_ARGV = ARGV + ["--clip-grad", "0"]
+STAND_IN = str(ROOT / "tests" / "plugins" / "group_step_adam.py")
+
+
+def _two_steps_device_norm(argv, poison, fused_adam_stand_in: bool = False):
+    """``_two_steps`` with the norm returned as a tensor; also each inner Adam step's ``found_inf``
+    (None: not given) and the Adam class the trainer ended up with."""
+    import megatron.core.optimizer as mo
+
+    saved = (mo.ChainedOptimizer.get_grad_norm, mo.Adam, mo.USING_PYTORCH_OPTIMIZER, torch.optim.AdamW.step)
+    updates = []
+
+    def tensor_norm(self):
+        value = saved[0](self)
+        return None if value is None else torch.tensor(float(value))
+
+    def recording_step(self, *a, **k):
+        flag = getattr(self, "found_inf", None)
+        updates.append(None if flag is None else float(flag))
+        return saved[3](self, *a, **k)
+
+    mo.ChainedOptimizer.get_grad_norm = tensor_norm
+    torch.optim.AdamW.step = recording_step
+    try:
+        if fused_adam_stand_in:  # what the plugin does: megatron builds a FusedAdam-style optimizer
+            import importlib.util
+            spec = importlib.util.spec_from_file_location("group_step_adam_in_test", STAND_IN)
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        out = _two_steps(argv, poison)
+        from megatron.core import parallel_state as ps  # noqa: F401 - the build above initialised it
+        out["updates"] = updates
+        return out
+    finally:
+        mo.ChainedOptimizer.get_grad_norm, mo.Adam, mo.USING_PYTORCH_OPTIMIZER, torch.optim.AdamW.step = saved
+
+
+def _adam_class(argv, fused_adam_stand_in: bool):
+    import megatron.core.optimizer as mo
+
+    saved = (mo.Adam, mo.USING_PYTORCH_OPTIMIZER)
+    try:
+        if fused_adam_stand_in:
+            import importlib.util
+            spec = importlib.util.spec_from_file_location("group_step_adam_in_test", STAND_IN)
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        _, _, _, optimizer, _ = build(argv)
+        return [type(o.optimizer).__name__ for o in optimizer.chained_optimizers]
+    finally:
+        mo.Adam, mo.USING_PYTORCH_OPTIMIZER = saved
+
+
+def test_a_device_norm_skips_the_update_on_the_device_and_is_read_after_it():
+    r = run_distributed(_two_steps_device_norm, 1, args=(DEVICE_ARGV, POISON))[0]
+    assert r["error"] is not None and r["error"].startswith("NonFiniteGradError: the gradient norm is nan"), r["error"]
+    assert "skipped on the device" in r["error"], r["error"]
+    # the second update was launched (so the norm had not been read before it) with found_inf set
+    assert r["updates"] == [0.0, 1.0], r["updates"]
+    assert len(r["params_changed_0"]) > 10 and r["params_changed_1"] == [] and r["state_changed_1"] == 0, r
+    assert r["lr_steps"] == 1
+
+
+def test_a_device_norm_without_the_nan_updates_with_found_inf_zero():  # the negative control
+    r = run_distributed(_two_steps_device_norm, 1, args=(DEVICE_ARGV, None))[0]
+    assert r["error"] is None and r["updates"] == [0.0, 0.0], r
+    assert POISON in r["params_changed_1"] and r["state_changed_1"] > 0 and r["lr_steps"] == 2
+
+
+def test_host_grad_norm_check_reads_the_device_norm_before_the_update():
+    r = run_distributed(_two_steps_device_norm, 1, args=(DEVICE_ARGV + ["--host-grad-norm-check"], POISON))[0]
+    assert r["error"] is not None and "the norm was read before it" in r["error"], r["error"]
+    assert r["updates"] == [None], r["updates"]  # the second update never started
+    assert r["params_changed_1"] == [] and r["state_changed_1"] == 0
+
+
+def test_a_fused_adam_is_replaced_by_torch_fused_adamw_that_skips_on_the_device():
+    """megatron builds TE's FusedAdam whenever TE is importable (here the FusedAdam-style CPU stand-in,
+    tests/plugins/group_step_adam.py); the plain optimizer gets torch's fused AdamW instead, which
+    skips the poisoned update itself; --host-grad-norm-check keeps megatron's choice."""
+    assert run_distributed(_adam_class, 1, args=(DEVICE_ARGV, True))[0] == ["AdamW"]
+    assert run_distributed(_adam_class, 1, args=(DEVICE_ARGV + ["--host-grad-norm-check"], True))[0] == \
+        ["GroupStepAdam"]
+    assert run_distributed(_adam_class, 1, args=(DEVICE_ARGV, False))[0] == ["AdamW"]
+    r = run_distributed(_two_steps_device_norm, 1, args=(DEVICE_ARGV, POISON, True))[0]
+    assert "skipped on the device" in (r["error"] or ""), r["error"]
+    assert r["updates"] == [0.0, 1.0] and r["params_changed_1"] == [] and r["state_changed_1"] == 0, r
