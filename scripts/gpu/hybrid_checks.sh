@@ -10,7 +10,8 @@
 #   graphsab the same, ours-thd beside ours-ab-thd: the graphed step with the trainer flags in $AB
 #            added, side by side in one run (default: megatron's fused cross entropy,
 #            "--cross-entropy-loss-fusion --cross-entropy-fusion-impl native"; with TE carried also
-#            AB="--cross-entropy-loss-fusion --cross-entropy-fusion-impl te"; measured: AB=--chunked-lm-loss)
+#            AB="--cross-entropy-loss-fusion --cross-entropy-fusion-impl te"; measured: AB=--chunked-lm-loss);
+#            $BASEARGS: trainer flags of both sides (e.g. TE's fused cross entropy, with AB adding to it)
 #   mix      the variable-length image+text mix (4 samples of <= 4,096 tokens): ours BSHD and THD (rows
 #            padded to 1,024: few packed lengths, so few of fla's recompilations), two passes of the
 #            same steps, the second the steady state (issue 16's goal: THD >= 1.5x BSHD)
@@ -40,7 +41,7 @@ for step in ${@:-tests check bench graphs mix profile gprofile pack}; do
              --cuda-graph-layers --json "$O/hybrid_text_graphs.json" > "$O/hybrid_text_graphs.log" 2>&1
            q 12 < "$O/hybrid_text_graphs.log" ;;
     graphsab) timeout "$S" python3 scripts/bench/train_throughput.py $TXT --warmup 3 --steps 15 --configs ours-thd,ours-ab-thd \
-               --skip-hf --cuda-graph-layers --ab-megatron-args="${AB:---cross-entropy-loss-fusion --cross-entropy-fusion-impl native}" --json "$O/hybrid_text_graphs_ab.json" \
+               --skip-hf --cuda-graph-layers --megatron-args="${BASEARGS:-}" --ab-megatron-args="${AB:---cross-entropy-loss-fusion --cross-entropy-fusion-impl native}" --json "$O/hybrid_text_graphs_ab.json" \
                > "$O/hybrid_text_graphs_ab.log" 2>&1; q 14 < "$O/hybrid_text_graphs_ab.log" ;;
     mix) timeout "$S" python3 scripts/bench/train_throughput.py --variant proxy-hybrid --seq-length 4096 \
            --samples-per-step 4 --warmup 3 --steps 8 --passes 2 --no-gemm-check --configs ours-bshd,ours-thd --skip-hf \
