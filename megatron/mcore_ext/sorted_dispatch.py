@@ -24,9 +24,16 @@ permutation by a fixed-shape one computed on the device:
   slots (fp32 accumulation inside ``sum``; megatron scatter-adds in the activation dtype).
 
 Unused rows never reach a result or a gradient: they enter the experts as zeros with probability
-zero, leave through ``torch.where`` (whose backward gives them a zero gradient, whatever the
-grouped GEMM left in those rows), and the grouped GEMM's weight gradients cover only the rows
-inside the offsets.
+zero, the combine selects them away (whatever the grouped GEMM left in those rows, NaN included),
+and the grouped GEMM's weight gradients cover only the rows inside the offsets.
+
+The gather into the buffer and the combine are each other's adjoints, and ``_GatherSlots`` /
+``_SumSlots`` give each the other as its backward: gathers and a sum, no ``index_put`` with
+accumulation (an advanced-indexing backward: a sort and a scatter per use) and no zero-filled
+``[R, H]`` gradient. Gathers from ``[T, H]`` read a zero row appended to the source instead of
+masking the ``[R, H]`` result (a 1/k-sized copy instead of a pass over the buffer), which the
+broadcast ``where`` made a slow strided kernel (measured on one H200, ``proxy-hybrid``:
+docs/performance.md).
 
 It is used only where the experts take device counts and a padded buffer
 (``GroupedGemmSequentialMLP`` on its grouped path, see ``experts.py``); for anything else it is
@@ -79,8 +86,10 @@ class SortedAllGatherTokenDispatcher(MoEAllGatherTokenDispatcher):
             inverse = torch.empty_like(order)
             inverse[order] = torch.arange(order.numel(), device=order.device)
             tokens_per_expert = local_map.sum(dim=0)  # device, int64
-        self._valid, self._inverse, self._slots = valid, inverse, k
-        x = torch.where(valid, hidden_states[token], 0)
+            rows = torch.where(valid.squeeze(-1), token, T)  # [R]: the source row, T = a zero row
+            slot_used = used.bool().reshape(-1, 1)  # [T*k, 1]: slot s is used (its row inverse[s] valid)
+        self._slots = (rows, inverse, slot_used, k)
+        x = _GatherSlots.apply(hidden_states, *self._slots)
         p = torch.where(valid.squeeze(-1), local_probs.gather(1, slot_expert).reshape(-1)[order], 0)
         # token_combine reads only its dtype: kept detached, so the module holds no autograd graph
         # (and through it no parameter's AccumulateGrad node) from one step to the next
@@ -90,11 +99,51 @@ class SortedAllGatherTokenDispatcher(MoEAllGatherTokenDispatcher):
     def combine_preprocess(self, hidden_states):
         if not self._sorted:
             return super().combine_preprocess(hidden_states)
-        T, H = self.hidden_shape_before_permute[0], hidden_states.shape[-1]
-        out = torch.where(self._valid, hidden_states, 0)
-        out = out[self._inverse].view(T, self._slots, H).sum(dim=1)
-        self._valid = self._inverse = None
+        out = _SumSlots.apply(hidden_states, *self._slots)
+        self._slots = None
         return out
+
+
+def _gather_slots(src, rows):
+    """``[R, H]``: ``src[rows[r]]``, zero where ``rows[r] == len(src)`` (an unused slot)."""
+    return torch.cat([src, src.new_zeros((1, src.shape[1]))]).index_select(0, rows)
+
+
+def _sum_slots(buf, inverse, slot_used, k):
+    """``[T, H]``: each token's ``k`` slots of ``buf`` (in slot order through ``inverse``) summed,
+    the unused ones selected away (not multiplied: they may hold NaN)."""
+    g = torch.where(slot_used, buf.index_select(0, inverse), 0)
+    return g.view(-1, k, buf.shape[1]).sum(dim=1)
+
+
+class _GatherSlots(torch.autograd.Function):
+    """The buffer ``[R, H]`` from the tokens ``[T, H]``; backward: ``_sum_slots`` of the gradient."""
+
+    @staticmethod
+    def forward(ctx, src, rows, inverse, slot_used, k):
+        ctx.save_for_backward(inverse, slot_used)
+        ctx.k = k
+        return _gather_slots(src, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inverse, slot_used = ctx.saved_tensors
+        return _sum_slots(grad, inverse, slot_used, ctx.k), None, None, None, None
+
+
+class _SumSlots(torch.autograd.Function):
+    """The tokens ``[T, H]`` from the buffer ``[R, H]``; backward: ``_gather_slots`` of the gradient
+    (zero for the unused rows)."""
+
+    @staticmethod
+    def forward(ctx, buf, rows, inverse, slot_used, k):
+        ctx.save_for_backward(rows)
+        return _sum_slots(buf, inverse, slot_used, k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        return _gather_slots(grad, rows), None, None, None, None
 
 
 class GroupedMoELayer(MoELayer):
