@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[2]
 ENTRY = ROOT / "examples" / "multimodal_dev" / "pretrain_multimodal.py"
 
 
-def _two_steps(argv, poison: str | None, world_size: int = 1, poison_rank: int = 0):
+def _two_steps(argv, poison: str | None, world_size: int = 1, poison_rank: int = 0, keep_params: bool = False):
     """Two of the trainer's iterations, the second with ``poison``'s gradient made NaN on rank
     ``poison_rank`` (``"norm"``: its first norm weight); what was raised and the parameters /
-    optimizer state after each iteration."""
+    optimizer state after each iteration (``keep_params``: also the parameters at the end)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -75,6 +75,8 @@ def _two_steps(argv, poison: str | None, world_size: int = 1, poison_rank: int =
         out[f"state_changed_{it}"] = sum(1 for k, v in after[1].items() if k not in before[1] or not (
             torch.equal(v, before[1][k]) if torch.is_tensor(v) else v == before[1][k]))
     out["lr_steps"] = scheduler.num_steps
+    if keep_params:
+        out["final"] = {n: p.detach().clone() for n, p in params.items()}
     return out
 
 
@@ -152,21 +154,23 @@ DEVICE_ARGV = ARGV + ["--clip-grad", "0"]
 STAND_IN = str(ROOT / "tests" / "plugins" / "group_step_adam.py")
 
 
-def _two_steps_device_norm(argv, poison, fused_adam_stand_in: bool = False):
+def _two_steps_device_norm(argv, poison, fused_adam_stand_in: bool = False, keep_params: bool = False):
     """``_two_steps`` with the norm returned as a tensor; also each inner Adam step's ``found_inf``
-    (None: not given) and the Adam class the trainer ended up with."""
+    (None: not given) and ``grad_scale``, and each step's gradient norm."""
     import megatron.core.optimizer as mo
 
     saved = (mo.ChainedOptimizer.get_grad_norm, mo.Adam, mo.USING_PYTORCH_OPTIMIZER, torch.optim.AdamW.step)
-    updates = []
+    updates, scales, norms = [], [], []
 
     def tensor_norm(self):
         value = saved[0](self)
+        norms.append(value)
         return None if value is None else torch.tensor(float(value))
 
     def recording_step(self, *a, **k):
-        flag = getattr(self, "found_inf", None)
+        flag, scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
         updates.append(None if flag is None else float(flag))
+        scales.append(None if scale is None else float(scale))
         return saved[3](self, *a, **k)
 
     mo.ChainedOptimizer.get_grad_norm = tensor_norm
@@ -176,9 +180,9 @@ def _two_steps_device_norm(argv, poison, fused_adam_stand_in: bool = False):
             import importlib.util
             spec = importlib.util.spec_from_file_location("group_step_adam_in_test", STAND_IN)
             spec.loader.exec_module(importlib.util.module_from_spec(spec))
-        out = _two_steps(argv, poison)
+        out = _two_steps(argv, poison, keep_params=keep_params)
         from megatron.core import parallel_state as ps  # noqa: F401 - the build above initialised it
-        out["updates"] = updates
+        out.update(updates=updates, scales=scales, norms=norms)
         return out
     finally:
         mo.ChainedOptimizer.get_grad_norm, mo.Adam, mo.USING_PYTORCH_OPTIMIZER, torch.optim.AdamW.step = saved
@@ -233,3 +237,24 @@ def test_a_fused_adam_is_replaced_by_torch_fused_adamw_that_skips_on_the_device(
     r = run_distributed(_two_steps_device_norm, 1, args=(DEVICE_ARGV, POISON, True))[0]
     assert "skipped on the device" in (r["error"] or ""), r["error"]
     assert r["updates"] == [0.0, 1.0] and r["params_changed_1"] == [] and r["state_changed_1"] == 0, r
+
+
+def test_a_device_norm_clips_inside_torch_fused_adamw():
+    """With the norm on the device, the clipping is the fused AdamW's ``grad_scale`` (no pass of its
+    own over the gradients): the scale is megatron's ``1 / clip_coeff`` = ``(norm + 1e-6) / clip``
+    (> 1: the clipping was active), and the parameters after two steps are those of megatron's own
+    clipping of a host norm (rounding apart: the kernel divides where megatron multiplies)."""
+    argv = ARGV + ["--clip-grad", "0.05"]
+    dev = run_distributed(_two_steps_device_norm, 1, args=(argv, None, False, True))[0]
+    # megatron's own ChainedOptimizer.step (--host-grad-norm-check) on its host norm
+    host = run_distributed(_two_steps, 1, args=(argv + ["--host-grad-norm-check"], None),
+                           kwargs=dict(keep_params=True))[0]
+    assert dev["error"] is None and host["error"] is None, (dev["error"], host["error"])
+    assert dev["updates"] == [0.0, 0.0] and len(dev["norms"]) == 2, dev
+    for scale, norm in zip(dev["scales"], dev["norms"]):
+        assert scale is not None and scale > 1 and scale == pytest.approx((norm + 1e-6) / 0.05, rel=1e-6)
+    for n, p in host["final"].items():
+        torch.testing.assert_close(dev["final"][n], p, rtol=1e-5, atol=1e-7, msg=n)
+    unclipped = run_distributed(_two_steps, 1, args=(ARGV + ["--clip-grad", "0"], None),
+                                kwargs=dict(keep_params=True))[0]  # the control: clipping changes them
+    assert any(not torch.allclose(unclipped["final"][n], p, rtol=1e-5, atol=1e-7) for n, p in host["final"].items())
