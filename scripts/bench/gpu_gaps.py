@@ -11,7 +11,7 @@ e.g.   python scripts/bench/gpu_gaps.py proxy thd 4096 4 runs/prof 4   (writes O
 BENCH-FLAGS are train_throughput.py's (the data mix, --megatron-args, --cuda-graph-layers for the graphed THD
 step as the bench times it, ...).
 """
-import sys, os, json, collections, time
+import sys, os, json, collections, re, time
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [_ROOT, os.path.join(_ROOT, "examples"), os.path.join(_ROOT, "scripts", "bench")]
 import torch
@@ -226,6 +226,7 @@ for a, b, k in sorted([g for g in gaps if 1000 <= g[1] - g[0] <= 50_000], key=la
 # (backward) or the innermost host op and the module (forward/other) whose launch call started the
 # kernel. Kernels replayed from a CUDA graph carry the graph launch's correlation, so a graphed layer
 # shows as the op that replays it.
+by_layers_kernel = collections.Counter()  # the same over all decoder layers (index dropped), by kernel
 busy_by = collections.Counter(); busy_phase = collections.Counter(); n_by = collections.Counter()
 for k in gpu:
     if k["ts"] + k["dur"] < t0 or k["ts"] > t1: continue
@@ -241,7 +242,12 @@ for k in gpu:
             op = innermost(L["ts"], L.get("tid"), ops_index)
             key = (ph, enclosing(L["ts"], "MOD:"), op["name"] if op else "-")
     busy_by[key] += k["dur"]; busy_phase[key[0]] += k["dur"]; n_by[key] += 1
+    kname = k["name"].split("<")[0].replace("void ", "").split("::")[-1][:34]
+    by_layers_kernel[(re.sub(r"MOD:L\d+\.", "MOD:L*.", key[1]), key[2], kname)] += k["dur"]
 print("GPU busy by host phase (ms per step):", {p: round(v / 1e3 / steps, 1) for p, v in busy_phase.most_common()})
 print("GPU busy by phase / module or 'bwd' / launching op or autograd node (ms per step, kernels per step):")
 for (ph, where, what), d in busy_by.most_common(40):
     print(f"  {d/1e3/steps:8.2f} ms {n_by[(ph, where, what)]/steps:7.0f}  {ph:16s} {where[:26]:26s} {what[:60]}")
+print("the same with the decoder layers' index dropped, by kernel (ms per step; which op launches the elementwise work):")
+for (where, what, kname), d in by_layers_kernel.most_common(45):
+    print(f"  {d/1e3/steps:8.2f} ms  {where[:26]:26s} {what[:44]:44s} {kname}")

@@ -19,7 +19,8 @@
 #            (default TE's fused cross entropy: "--cross-entropy-loss-fusion --cross-entropy-fusion-impl te",
 #            so TE must be carried; measured 1.48x THD / BSHD in the eighth session)
 #   profile  where the eager hybrid step waits (gpu_gaps.py; the trace stays out of $OUT)
-#   gprofile the same for the step with --cuda-graph-layers (our fastest; where the 2x of issue 16 went)
+#   gprofile the same for the step with --cuda-graph-layers (our fastest; where the 2x of issue 16 went);
+#            both with the trainer flags in $PROFARGS, e.g. TE's fused cross entropy
 #   pack     the Triton cache into $OUT (scripts/gpu/triton_cache.sh), to carry to the next lease
 # One GPU-machine call runs at most 10 minutes, and a fresh machine spends 4-6 of them compiling fla's
 # kernels unless a Triton cache was carried: give each call a few steps, and end the lease with `pack`.
@@ -51,10 +52,10 @@ for step in ${@:-tests check bench graphs mix profile gprofile pack}; do
             --thd-row-multiple 1024 --cuda-graph-layers \
             --megatron-args="${MIXARGS:---cross-entropy-loss-fusion --cross-entropy-fusion-impl te}" \
             --json "$O/hybrid_mix_graphs.json" > "$O/hybrid_mix_graphs.log" 2>&1; q 12 < "$O/hybrid_mix_graphs.log" ;;
-    profile) timeout "$S" python3 scripts/bench/gpu_gaps.py proxy-hybrid thd 2048 4 /tmp/prof 4 --no-gemm-check \
+    profile) timeout "$S" python3 scripts/bench/gpu_gaps.py proxy-hybrid thd 2048 4 /tmp/prof 4 --no-gemm-check ${PROFARGS:+"--megatron-args=$PROFARGS"} \
              --min-tokens 2048 --max-tokens 2048 --image-prob 0 > "$O/gpu_gaps_hybrid.txt" 2>&1
            grep -A14 "steps: wall" "$O/gpu_gaps_hybrid.txt" | cut -c1-200 ;;
-    gprofile) timeout "$S" python3 scripts/bench/gpu_gaps.py proxy-hybrid thd 2048 4 /tmp/gprof 4 --no-gemm-check \
+    gprofile) timeout "$S" python3 scripts/bench/gpu_gaps.py proxy-hybrid thd 2048 4 /tmp/gprof 4 --no-gemm-check ${PROFARGS:+"--megatron-args=$PROFARGS"} \
                 --min-tokens 2048 --max-tokens 2048 --image-prob 0 --cuda-graph-layers > "$O/gpu_gaps_hybrid_graphs.txt" 2>&1
               grep -A14 "steps: wall" "$O/gpu_gaps_hybrid_graphs.txt" | cut -c1-200 ;;
     pack) bash scripts/gpu/triton_cache.sh pack ;;
