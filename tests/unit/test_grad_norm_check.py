@@ -36,6 +36,7 @@ def _two_steps(argv, poison: str | None, world_size: int = 1, poison_rank: int =
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron.mcore_ext.fallbacks import fused_adam_summary
     from megatron.mcore_ext.grad_norm_check import GradNormCheckedOptimizer
     from multimodal_dev import metrics
     from multimodal_dev.data.stream import open_data
@@ -75,6 +76,7 @@ def _two_steps(argv, poison: str | None, world_size: int = 1, poison_rank: int =
         out[f"state_changed_{it}"] = sum(1 for k, v in after[1].items() if k not in before[1] or not (
             torch.equal(v, before[1][k]) if torch.is_tensor(v) else v == before[1][k]))
     out["lr_steps"] = scheduler.num_steps
+    out["summary"] = fused_adam_summary(optimizer, 0)  # the trainer's start-up log line
     if keep_params:
         out["final"] = {n: p.detach().clone() for n, p in params.items()}
     return out
@@ -250,6 +252,8 @@ def test_a_device_norm_clips_inside_torch_fused_adamw():
     host = run_distributed(_two_steps, 1, args=(argv + ["--host-grad-norm-check"], None),
                            kwargs=dict(keep_params=True))[0]
     assert dev["error"] is None and host["error"] is None, (dev["error"], host["error"])
+    assert "clipping is done inside the fused AdamW kernel" in dev["summary"], dev["summary"]
+    assert "inside the fused AdamW" not in host["summary"], host["summary"]
     assert dev["updates"] == [0.0, 0.0] and len(dev["norms"]) == 2, dev
     for scale, norm in zip(dev["scales"], dev["norms"]):
         assert scale is not None and scale > 1 and scale == pytest.approx((norm + 1e-6) / 0.05, rel=1e-6)
