@@ -272,12 +272,17 @@ def _check_weights_moved(results, weights):
         assert bool(covered.all()), f"{key}: not every element is held by some rank"
 
 
-def _tol(variant, ref):
+def _tol(variant, ref, name=""):
     """tiny: PAR. The hybrid's gradients are up to ~20 large and go through the chunked delta rule:
-    fp32 summation order differs between layouts by ~1e-5 of a tensor's scale (~1e-4 for the small
-    A_log / dt_bias gradients), so the absolute part of the tolerance follows the scale; a layout
-    bug shows as errors of the order of the gradient itself."""
-    return PAR if variant == "tiny" else dict(rtol=1e-4, atol=2e-4 * float(ref.abs().max()))
+    fp32 summation order differs between layouts by ~1e-5 of a tensor's scale, so the absolute part
+    of the tolerance follows the scale; a layout bug shows as errors of the order of the gradient
+    itself. The GDN decay parameters' gradients (``A_log``, ``dt_bias``: one value per head, a sum
+    of signed terms over every token, which cancel) carry more: up to 2e-4 of their scale on one CPU
+    host, 4e-4 on another (AMD EPYC, torch 2.14.1: TP=2+SP, layer 0's ``A_log``), so 1e-3 there."""
+    if variant == "tiny":
+        return PAR
+    share = 1e-3 if name.endswith(("A_log", "dt_bias")) else 2e-4
+    return dict(rtol=1e-4, atol=share * float(ref.abs().max()))
 
 
 def _router_first(names):
@@ -301,10 +306,10 @@ def test_tp2_sequence_parallel_matches_one_process(reference):
         assert sum(n.endswith("router.weight") for n in names) == (4 if variant == "tiny-hybrid" else 2)
         for n in names:
             g = sum(x["grads"][n] for x in results) if r["sp_partial"][n] else r["grads"][n]
-            torch.testing.assert_close(g, r["ref_grads"][n], **_tol(variant, r["ref_grads"][n]),
+            torch.testing.assert_close(g, r["ref_grads"][n], **_tol(variant, r["ref_grads"][n], n),
                                        msg=lambda m, n=n: f"TP2+SP grad {n}: {m}")
         for n, g in r["vision_grads"].items():
-            torch.testing.assert_close(g, full["vision_grads"][n], **_tol(variant, full["vision_grads"][n]),
+            torch.testing.assert_close(g, full["vision_grads"][n], **_tol(variant, full["vision_grads"][n], n),
                                        msg=lambda m, n=n: f"TP2+SP vision grad {n}: {m}")
     assert all(r["sp_partial"][n] for n in results[0]["grads"] if n.endswith("router.weight"))
 
@@ -332,9 +337,9 @@ def test_ep2_data_parallel_matches_one_process(reference):
         assert sum(n.endswith("router.weight") for n in names) == (4 if variant == "tiny-hybrid" else 2)
         for n in names:
             g = r["grads"][n] if r["is_expert"][n] else sum(x["grads"][n] for x in results)
-            torch.testing.assert_close(g, r["ref_grads"][n], **_tol(variant, r["ref_grads"][n]),
+            torch.testing.assert_close(g, r["ref_grads"][n], **_tol(variant, r["ref_grads"][n], n),
                                        msg=lambda m, n=n: f"EP2 grad {n}: {m}")
     for n in results[0]["vision_grads"]:
         g = results[0]["vision_grads"][n] + results[1]["vision_grads"][n]
         expected = subs[0]["vision_grads"][n] + subs[1]["vision_grads"][n]
-        torch.testing.assert_close(g, expected, **_tol(variant, expected), msg=lambda m, n=n: f"EP2 vision grad {n}: {m}")
+        torch.testing.assert_close(g, expected, **_tol(variant, expected, n), msg=lambda m, n=n: f"EP2 vision grad {n}: {m}")
