@@ -140,7 +140,7 @@ def build_model_and_optimizer(cfg, load_hf_weights: bool = True):
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
         adam_beta2=o.adam_beta2, clip_grad=o.clip_grad, bf16=cfg.bf16, params_dtype=options.params_dtype,
         use_distributed_optimizer=o.use_distributed_optimizer,
-    ), [ddp]), host_check=o.host_grad_norm_check)  # a NaN/Inf grad norm raises, its update not applied
+    ), [ddp]), host_check=o.host_grad_norm_check, model_chunks=[ddp])  # a NaN/Inf grad norm raises, no update
     log.info("optimizer: %s", fused_adam_summary(optimizer, use_fused_adam(optimizer)))
     scheduler = OptimizerParamScheduler(optimizer, **schedule_from_flags(o))
     # as megatron.training does: the schedules call these

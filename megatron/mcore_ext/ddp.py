@@ -21,6 +21,12 @@ drops them, and the once-per-backward bookkeeping is keyed by autograd's graph t
 get stuck. The ``.grad`` s of one backward live
 until its end instead of being dropped one by one (for ``proxy`` at most ~1.2 GB of bf16
 gradients, while the activations are being freed).
+
+``grad_scaling_taker`` (set by ``GradNormCheckedOptimizer.defer_token_scaling``): megatron's
+``finalize_model_grads`` divides every gradient by the iteration's token count through
+``scale_gradients``, a pass over all fp32 gradient buffers; where that optimizer
+``takes_token_scaling()``, the factor is kept for it instead, and it applies it inside its fused
+Adam kernel (``grad_norm_check.py``).
 """
 from __future__ import annotations
 
@@ -65,8 +71,22 @@ class BatchedGradDDP(DistributedDataParallel):
 
         return hook
 
+    grad_scaling_taker = None  # the optimizer that may take scale_gradients' factor (module docstring)
+    pending_grad_scale = None  # that factor, until the optimizer's step takes it
+
+    def scale_gradients(self, scaling_factor):
+        """megatron's scaling of every gradient buffer, or, where ``grad_scaling_taker`` takes it, its
+        factor (a device tensor: 1 / tokens) kept in ``pending_grad_scale``."""
+        if self.grad_scaling_taker is None or not self.grad_scaling_taker.takes_token_scaling():
+            return super().scale_gradients(scaling_factor)
+        if self.pending_grad_scale is not None:
+            raise RuntimeError("scale_gradients called twice in one iteration with the scaling deferred to the "
+                               "optimizer (which applies one factor per step)")
+        self.pending_grad_scale = scaling_factor
+
     def zero_grad_buffer(self):
         super().zero_grad_buffer()
+        self.pending_grad_scale = None  # an iteration that raised before its step must not pass it on
         # what a backward that raised left unflushed must not reach the next iteration's buffers
         self._queued_task = None
         for param in self._batched_params:

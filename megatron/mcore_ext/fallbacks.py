@@ -170,6 +170,8 @@ def fused_adam_summary(optimizer, switched: int) -> str:
     clip_in_adam = getattr(optimizer, "_clip_in_adam", None)
     if clip_in_adam is not None and clip_in_adam() is not None:
         line += "; a device gradient norm's clipping is done inside the fused AdamW kernel (its grad_scale)"
+        if getattr(optimizer, "takes_token_scaling", lambda: False)():
+            line += ", and megatron's division of the gradients by the token count too"
     return line
 
 

@@ -22,7 +22,11 @@ step by where megatron left the norm:
   megatron's ``1 / clip_coeff`` = ``max((norm + 1e-6) / clip_grad, 1)``, which replaces megatron's
   own pass over every fp32 gradient (~3.7 ms a step for ``proxy-hybrid`` on one H200). Only where
   megatron's step would clip nothing else: no separate grad-norm groups, no
-  ``grad_norm_skip_threshold``, no precision-aware optimizer, one ``clip_grad`` for all.
+  ``grad_norm_skip_threshold``, no precision-aware optimizer, one ``clip_grad`` for all. Where the
+  norm is certain to stay on the device (TE's multi-tensor kernels), megatron's per-token division
+  of the gradients (``finalize_model_grads`` under ``calculate_per_token_loss``: 4.6 ms a step) is
+  folded in too (``defer_token_scaling``): the norm of the raw sums times ``1 / tokens`` is the
+  norm megatron would have computed, and ``grad_scale`` grows by the token count.
 * **On the host** otherwise (megatron-core 0.19.2's fallback norm without TE/apex is a float: it
   calls ``.item()`` itself; or an optimizer that cannot skip on the device): read before the
   update, which then never starts. ``host_check=True`` forces this way (``--host-grad-norm-check``).
@@ -86,9 +90,45 @@ class GradNormCheckedOptimizer(ChainedOptimizer):
     host_check = False  # True: always read the norm before the update
     _unread = None  # (device norm, optimizers given its found_inf) until step() reads it
     _clip = ...  # the clip_grad that _step_clipping_in_adam applies, None: megatron's step (set once)
+    _token_chunks = ()  # DDP chunks whose per-token gradient scaling this optimizer applies
+    _token_scale = None  # this step's 1 / tokens, taken from them by get_grad_norm
+    _takes = None  # takes_token_scaling(), once decided
+
+    def defer_token_scaling(self, chunks) -> None:
+        """Offer to take megatron's per-token division of the gradients of ``chunks``
+        (``BatchedGradDDP``, each asked at its ``scale_gradients``) into the fused kernel (module
+        docstring); every chunk or none."""
+        if chunks and all(hasattr(c, "grad_scaling_taker") for c in chunks):
+            for c in chunks:
+                c.grad_scaling_taker = self
+            self._token_chunks = tuple(chunks)
+
+    def takes_token_scaling(self) -> bool:
+        """Whether the per-token scaling is taken: chunks offered it, the clipping goes into the
+        kernel, and megatron-core returns the norm as a device tensor (it does when TE provides
+        ``multi_tensor_scale_tensor``). Asked first after the optimizer's kernels are chosen (the
+        trainer's start-up log), then decided."""
+        if not self._token_chunks:
+            return False
+        if self._takes is None:
+            from megatron.core.optimizer import clip_grads
+
+            self._takes = self._clip_in_adam() is not None and clip_grads.multi_tensor_scale_tensor_impl is not None
+        return self._takes
+
+    def _take_token_scale(self):
+        pending = [c.pending_grad_scale for c in self._token_chunks]
+        for c in self._token_chunks:
+            c.pending_grad_scale = None
+        if any(p is None for p in pending) and not all(p is None for p in pending):
+            raise RuntimeError("the per-token gradient scaling reached only some model chunks in this iteration")
+        return pending[0] if pending else None
 
     def get_grad_norm(self):
         norm = super().get_grad_norm()
+        self._token_scale = self._take_token_scale() if self.takes_token_scaling() else None
+        if self._token_scale is not None and norm is not None:  # the norm of the per-token gradients
+            norm = norm * self._token_scale if torch.is_tensor(norm) else norm * float(self._token_scale)
         skippers = None if self.host_check or not torch.is_tensor(norm) else _device_skippers(self.chained_optimizers)
         if skippers is not None:
             flag = (~torch.isfinite(norm)).to(torch.float32).reshape(())
@@ -102,7 +142,8 @@ class GradNormCheckedOptimizer(ChainedOptimizer):
 
     def _clip_in_adam(self) -> float | None:
         """``clip_grad`` when the clipping can be torch's fused Adam's ``grad_scale`` (module
-        docstring), else None; decided once (the parameters and configs do not change)."""
+        docstring), else None; decided when first asked -- after the trainer chose the optimizer's
+        kernels (``fallbacks.use_fused_adam``), by its start-up log -- then kept."""
         if self._clip is ...:
             from megatron.core.optimizer.optimizer import GRAD_NORM_GROUP_ATTR
 
@@ -122,17 +163,23 @@ class GradNormCheckedOptimizer(ChainedOptimizer):
         if self.prepare_grads():  # fp16's loss scaler found an Inf: megatron skips the step
             return False, None, None
         norm = self.get_grad_norm()
-        if clip > 0.0 and norm is not None:
-            if self._unread is not None:  # on the device: the kernel divides the gradients by it
-                scale = ((norm.float() + 1.0e-6) / clip).clamp_min(1.0).reshape(())
-                for opt in self._unread[1]:
-                    opt.grad_scale = scale
-            else:  # a host float: megatron's clipping
-                from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+        tokens = self._token_scale  # 1 / tokens still to apply (defer_token_scaling), else None
+        if self._unread is not None:  # on the device: the kernel divides the gradients by grad_scale
+            scale = ((norm.float() + 1.0e-6) / clip).clamp_min(1.0) if clip > 0.0 else None
+            if tokens is not None:
+                scale = (1.0 if scale is None else scale) / tokens.float()
+            for opt in self._unread[1] if scale is not None else ():
+                opt.grad_scale = scale.reshape(())
+        else:  # a host float: megatron's clipping (and the deferred scaling first, as a pass of its own)
+            from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
-                for opt in self.chained_optimizers:
-                    if not getattr(opt, "is_stub_optimizer", False) and opt.get_parameters():
-                        clip_grad_by_total_norm_fp32(opt.get_parameters(), max_norm=clip, total_norm=norm)
+            live = [o for o in self.chained_optimizers
+                    if not getattr(o, "is_stub_optimizer", False) and o.get_parameters()]
+            if tokens is not None:
+                grads = [p.grad for o in live for p in o.get_parameters() if p.grad is not None]
+                torch._foreach_mul_(grads, float(tokens))
+            for opt in live if clip > 0.0 and norm is not None else ():
+                clip_grad_by_total_norm_fp32(opt.get_parameters(), max_norm=clip, total_norm=norm)
         zeros = self.count_zeros() if self.config.log_num_zeros_in_grad else None
         return self.step_with_ready_grads(), norm, zeros
 
@@ -182,13 +229,16 @@ def torch_adam_for_fused_adam(chained) -> int:
     return n
 
 
-def checked(optimizer, host_check: bool = False) -> GradNormCheckedOptimizer:
+def checked(optimizer, host_check: bool = False, model_chunks=()) -> GradNormCheckedOptimizer:
     """``optimizer`` from ``get_megatron_optimizer`` (a ``ChainedOptimizer``, or one optimizer) as a
     ``GradNormCheckedOptimizer`` over the same optimizers (nothing is copied or rebuilt but a
     replaced ``FusedAdam``, which has no state yet). ``host_check``: read the norm before the update
-    always, and keep megatron's ``FusedAdam``."""
+    always, and keep megatron's ``FusedAdam``. ``model_chunks``: the DDP-wrapped chunks whose
+    per-token gradient scaling it may take over (``defer_token_scaling``)."""
     inner = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
     replaced = 0 if host_check else torch_adam_for_fused_adam(inner)
     out = GradNormCheckedOptimizer(list(inner))
     out.host_check, out.replaced_fused_adam = host_check, replaced  # the trainer logs both (fused_adam_summary)
+    if model_chunks:
+        out.defer_token_scaling(list(model_chunks))
     return out

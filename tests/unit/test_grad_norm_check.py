@@ -67,8 +67,9 @@ def _two_steps(argv, poison: str | None, world_size: int = 1, poison_rank: int =
             params[poison].register_hook(lambda g: torch.full_like(g, float("nan")))
         before = snapshot()
         try:
-            train_step(cfg, get_forward_backward_func(), ddp, optimizer, scheduler,
-                       stream.next_iteration() if stream is not None else None, metrics.IterationStats().hook)
+            out[f"grad_norm_{it}"] = float(train_step(
+                cfg, get_forward_backward_func(), ddp, optimizer, scheduler,
+                stream.next_iteration() if stream is not None else None, metrics.IterationStats().hook)[2])
         except Exception as e:  # noqa: BLE001 - what was raised is the result
             out["error"] = f"{type(e).__name__}: {e}"
         after = snapshot()
@@ -150,19 +151,38 @@ def test_a_diverged_run_stops_naming_the_iteration(tmp_path, flags, needle):
 # The device path: megatron with TE/apex keeps the norm a device tensor; then the update is skipped
 # by torch's fused Adam(W) itself (``found_inf``) and the norm is read only after the update was
 # launched. On CPU, megatron's norm is a float (its fallback calls .item()), so these runs hand the
-# same value back as a tensor (what the TE path returns) and clip nothing (--clip-grad 0: megatron's
-# tensor clipping needs TE's multi-tensor kernel).
+# same value back as a tensor (what the TE path returns), stand in for TE's multi_tensor_scale_tensor
+# (which tells the trainer that the norm stays on the device, so that it defers megatron's per-token
+# gradient scaling into the fused kernel as with TE) and, in the --host-grad-norm-check reference
+# runs, clip nothing (--clip-grad 0: megatron's tensor clipping would call TE's kernel).
 DEVICE_ARGV = ARGV + ["--clip-grad", "0"]
 STAND_IN = str(ROOT / "tests" / "plugins" / "group_step_adam.py")
 
 
-def _two_steps_device_norm(argv, poison, fused_adam_stand_in: bool = False, keep_params: bool = False):
+def _two_steps_device_norm(argv, poison, fused_adam_stand_in: bool = False, keep_params: bool = False,
+                           world_size: int = 1):
     """``_two_steps`` with the norm returned as a tensor; also each inner Adam step's ``found_inf``
-    (None: not given) and ``grad_scale``, and each step's gradient norm."""
+    (None: not given) and ``grad_scale``, megatron's gradient norm (of the gradients as they are),
+    the factors megatron's ``finalize_model_grads`` gave ``scale_gradients`` and how often megatron's
+    own buffer scaling ran."""
     import megatron.core.optimizer as mo
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.optimizer import clip_grads
 
-    saved = (mo.ChainedOptimizer.get_grad_norm, mo.Adam, mo.USING_PYTORCH_OPTIMIZER, torch.optim.AdamW.step)
-    updates, scales, norms = [], [], []
+    from megatron.mcore_ext.ddp import BatchedGradDDP
+
+    saved = (mo.ChainedOptimizer.get_grad_norm, mo.Adam, mo.USING_PYTORCH_OPTIMIZER, torch.optim.AdamW.step,
+             clip_grads.multi_tensor_scale_tensor_impl, DistributedDataParallel.scale_gradients,
+             BatchedGradDDP.scale_gradients)
+    updates, scales, norms, factors, buffer_scalings = [], [], [], [], []
+
+    def recording_scale(self, factor):
+        factors.append(float(factor))
+        return saved[6](self, factor)
+
+    def counting_buffer_scale(self, factor):
+        buffer_scalings.append(float(factor))
+        return saved[5](self, factor)
 
     def tensor_norm(self):
         value = saved[0](self)
@@ -177,17 +197,22 @@ def _two_steps_device_norm(argv, poison, fused_adam_stand_in: bool = False, keep
 
     mo.ChainedOptimizer.get_grad_norm = tensor_norm
     torch.optim.AdamW.step = recording_step
+    clip_grads.multi_tensor_scale_tensor_impl = "TE's multi_tensor_scale_tensor (a stand-in)"
+    DistributedDataParallel.scale_gradients = counting_buffer_scale
+    BatchedGradDDP.scale_gradients = recording_scale
     try:
         if fused_adam_stand_in:  # what the plugin does: megatron builds a FusedAdam-style optimizer
             import importlib.util
             spec = importlib.util.spec_from_file_location("group_step_adam_in_test", STAND_IN)
             spec.loader.exec_module(importlib.util.module_from_spec(spec))
-        out = _two_steps(argv, poison, keep_params=keep_params)
+        out = _two_steps(argv, poison, world_size=world_size, keep_params=keep_params)
         from megatron.core import parallel_state as ps  # noqa: F401 - the build above initialised it
-        out.update(updates=updates, scales=scales, norms=norms)
+        out.update(updates=updates, scales=scales, norms=norms, factors=factors, buffer_scalings=buffer_scalings)
         return out
     finally:
-        mo.ChainedOptimizer.get_grad_norm, mo.Adam, mo.USING_PYTORCH_OPTIMIZER, torch.optim.AdamW.step = saved
+        (mo.ChainedOptimizer.get_grad_norm, mo.Adam, mo.USING_PYTORCH_OPTIMIZER, torch.optim.AdamW.step,
+         clip_grads.multi_tensor_scale_tensor_impl, DistributedDataParallel.scale_gradients,
+         BatchedGradDDP.scale_gradients) = saved
 
 
 def _adam_class(argv, fused_adam_stand_in: bool):
@@ -241,24 +266,43 @@ def test_a_fused_adam_is_replaced_by_torch_fused_adamw_that_skips_on_the_device(
     assert r["updates"] == [0.0, 1.0] and r["params_changed_1"] == [] and r["state_changed_1"] == 0, r
 
 
-def test_a_device_norm_clips_inside_torch_fused_adamw():
-    """With the norm on the device, the clipping is the fused AdamW's ``grad_scale`` (no pass of its
-    own over the gradients): the scale is megatron's ``1 / clip_coeff`` = ``(norm + 1e-6) / clip``
-    (> 1: the clipping was active), and the parameters after two steps are those of megatron's own
-    clipping of a host norm (rounding apart: the kernel divides where megatron multiplies)."""
-    argv = ARGV + ["--clip-grad", "0.05"]
-    dev = run_distributed(_two_steps_device_norm, 1, args=(argv, None, False, True))[0]
-    # megatron's own ChainedOptimizer.step (--host-grad-norm-check) on its host norm
-    host = run_distributed(_two_steps, 1, args=(argv + ["--host-grad-norm-check"], None),
-                           kwargs=dict(keep_params=True))[0]
+@pytest.mark.parametrize("clip, world_size, flags, kw", [
+    (0.05, 1, [], {}), (0.0, 1, [], {}), (0.05, 2, [], {}),
+    (0.05, 2, ["--pipeline-model-parallel-size", "2"], dict(pp=2)),
+], ids=["clip", "no-clip", "dp2", "pp2"])
+def test_a_device_norm_clips_and_scales_per_token_inside_torch_fused_adamw(clip, world_size, flags, kw):
+    """With the norm on the device, megatron's per-token division of the gradients and the clipping
+    are both the fused AdamW's ``grad_scale`` (no pass of their own over the gradients). Against
+    megatron's own step (``--host-grad-norm-check``: its ``scale_gradients`` over the buffers, its
+    clipping of its norm): the same gradient norms, ``grad_scale = max((norm + 1e-6) / clip, 1) *
+    tokens`` with megatron's norm and megatron's ``1 / tokens`` (> tokens: the clipping was active),
+    and the same parameters after two steps (rounding apart: the kernel divides where megatron
+    multiplies). megatron's buffer scaling never ran. Under DP=2 and PP=2 (the token count reduced
+    over DP, broadcast from the last stage) on every rank."""
+    argv = ARGV + ["--clip-grad", str(clip)] + flags
+    for dev, host in zip(
+            run_distributed(_two_steps_device_norm, world_size, **kw, args=(argv, None, False, True, world_size)),
+            run_distributed(_two_steps, world_size, **kw, args=(argv + ["--host-grad-norm-check"], None, world_size),
+                            kwargs=dict(keep_params=True))):
+        _same_step_as_megatron(dev, host, clip)
+    if clip and world_size == 1:  # the control: clipping changes the parameters
+        unclipped = run_distributed(_two_steps, 1, args=(ARGV + ["--clip-grad", "0"], None),
+                                    kwargs=dict(keep_params=True))[0]
+        assert any(not torch.allclose(unclipped["final"][n], p, rtol=1e-5, atol=1e-7) for n, p in host["final"].items())
+
+
+def _same_step_as_megatron(dev, host, clip):
     assert dev["error"] is None and host["error"] is None, (dev["error"], host["error"])
     assert "clipping is done inside the fused AdamW kernel" in dev["summary"], dev["summary"]
+    assert "and megatron's division of the gradients by the token count too" in dev["summary"], dev["summary"]
     assert "inside the fused AdamW" not in host["summary"], host["summary"]
-    assert dev["updates"] == [0.0, 0.0] and len(dev["norms"]) == 2, dev
-    for scale, norm in zip(dev["scales"], dev["norms"]):
-        assert scale is not None and scale > 1 and scale == pytest.approx((norm + 1e-6) / 0.05, rel=1e-6)
+    assert dev["updates"] == [0.0, 0.0] and len(dev["factors"]) == 2 and dev["buffer_scalings"] == [], dev
+    assert len(dev["scales"]) == 2, dev["scales"]  # one optimizer, two steps: one grad_scale each
+    for it, (scale, factor) in enumerate(zip(dev["scales"], dev["factors"])):
+        norm = host[f"grad_norm_{it}"]
+        assert dev[f"grad_norm_{it}"] == pytest.approx(norm, rel=1e-6)
+        clip_scale = max((norm + 1e-6) / clip, 1.0) if clip else 1.0
+        assert clip_scale > 1 or not clip
+        assert scale == pytest.approx(clip_scale / factor, rel=1e-5), (scale, clip_scale, factor)
     for n, p in host["final"].items():
         torch.testing.assert_close(dev["final"][n], p, rtol=1e-5, atol=1e-7, msg=n)
-    unclipped = run_distributed(_two_steps, 1, args=(ARGV + ["--clip-grad", "0"], None),
-                                kwargs=dict(keep_params=True))[0]  # the control: clipping changes them
-    assert any(not torch.allclose(unclipped["final"][n], p, rtol=1e-5, atol=1e-7) for n, p in host["final"].items())
