@@ -414,16 +414,8 @@ def test_an_adam_keeping_its_step_per_group_resumes_with_it(tmp_path):
     step restored per parameter is refused by its ``load_state_dict`` (KeyError 'step'). With a CPU
     stand-in keeping TE's conventions (tests/plugins/group_step_adam.py) the resumed run continues
     the uninterrupted one's losses exactly."""
-    ref = _run(COMMON + GROUP_STEP_ADAM + ["--train-iters", "6", "--metrics-file", str(tmp_path / "ref.jsonl")])
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    assert "GroupStepAdam" in ref.stderr, ref.stderr[-3000:]  # the stand-in is the optimizer megatron built
-    saved = _run(COMMON + GROUP_STEP_ADAM + ["--train-iters", "6", "--exit-after-iters", "3",
-                                             "--save", str(tmp_path / "c"), "--save-interval", "3"])
-    assert saved.returncode == 0, saved.stderr[-3000:]
-    r = _run(COMMON + GROUP_STEP_ADAM + ["--train-iters", "6", "--load", str(tmp_path / "c"),
-                                         "--metrics-file", str(tmp_path / "m.jsonl")])
-    assert r.returncode == 0, r.stderr[-3000:]
-    _same(_metrics(tmp_path / "m.jsonl"), _metrics(tmp_path / "ref.jsonl")[3:])
+    ref, resumed, _ = _six_iterations_resumed_at_3(tmp_path, GROUP_STEP_ADAM, GROUP_STEP_ADAM)
+    _same(resumed, ref[3:])
 
 
 def test_a_checkpoint_of_a_fused_adam_resumes_into_the_torch_adamw_that_replaces_it(tmp_path):
@@ -431,17 +423,25 @@ def test_a_checkpoint_of_a_fused_adam_resumes_into_the_torch_adamw_that_replaces
     every run with TE saved before the replacement) resumes into today's default, torch's fused AdamW
     (the step per parameter): the resumed losses continue FusedAdam's uninterrupted run (within the
     rounding of two Adam implementations), i.e. Adam's bias correction goes on from step 3."""
-    plugin = GROUP_STEP_ADAM[:2]
-    ref = _run(COMMON + GROUP_STEP_ADAM + ["--train-iters", "6", "--metrics-file", str(tmp_path / "ref.jsonl")])
+    ref, resumed, stderr = _six_iterations_resumed_at_3(tmp_path, GROUP_STEP_ADAM, GROUP_STEP_ADAM[:2])
+    assert "FusedAdam replaced by torch's fused AdamW in 1 of 1 optimizers" in stderr, stderr[-3000:]
+    _same(resumed, ref[3:], rel=1e-4)
+
+
+def _six_iterations_resumed_at_3(tmp_path, flags, resume_flags):
+    """Six iterations with ``flags`` uninterrupted, and the same saved at 3 and resumed with
+    ``resume_flags``: the metrics of both and the resumed run's stderr. The uninterrupted run must
+    have trained with the Adam stand-in (GroupStepAdam) megatron built."""
+    ref = _run(COMMON + flags + ["--train-iters", "6", "--metrics-file", str(tmp_path / "ref.jsonl")])
     assert ref.returncode == 0, ref.stderr[-3000:]
-    saved = _run(COMMON + GROUP_STEP_ADAM + ["--train-iters", "6", "--exit-after-iters", "3",
-                                             "--save", str(tmp_path / "c"), "--save-interval", "3"])
+    assert "GroupStepAdam" in ref.stderr, ref.stderr[-3000:]  # the stand-in is the optimizer megatron built
+    saved = _run(COMMON + flags + ["--train-iters", "6", "--exit-after-iters", "3",
+                                   "--save", str(tmp_path / "c"), "--save-interval", "3"])
     assert saved.returncode == 0, saved.stderr[-3000:]
-    r = _run(COMMON + plugin + ["--train-iters", "6", "--load", str(tmp_path / "c"),
-                                "--metrics-file", str(tmp_path / "m.jsonl")])
+    r = _run(COMMON + resume_flags + ["--train-iters", "6", "--load", str(tmp_path / "c"),
+                                      "--metrics-file", str(tmp_path / "m.jsonl")])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "FusedAdam replaced by torch's fused AdamW in 1 of 1 optimizers" in r.stderr, r.stderr[-3000:]
-    _same(_metrics(tmp_path / "m.jsonl"), _metrics(tmp_path / "ref.jsonl")[3:], rel=1e-4)
+    return _metrics(tmp_path / "ref.jsonl"), _metrics(tmp_path / "m.jsonl"), r.stderr
 
 
 def _dist_opt_sd(step):
