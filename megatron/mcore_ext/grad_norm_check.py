@@ -1,4 +1,6 @@
-"""Stop on a NaN or Inf gradient at the optimizer's gradient norm, without applying that update.
+"""The optimizer step around megatron's gradient norm: stop on a NaN or Inf gradient without
+applying that update, and, where the norm stays on the device, clip (and divide by the token
+count) inside torch's fused AdamW instead of in passes of their own.
 
 A NaN or Inf anywhere in the gradients makes their global norm NaN or Inf, and megatron's
 ``ChainedOptimizer.step`` computes that norm anyway (``get_grad_norm``, reduced over the
@@ -9,8 +11,9 @@ and Adam would write NaN into every weight. ``GradNormCheckedOptimizer`` raises
 and the run stops saying so, with no weight, moment or step counter changed. Two ways, chosen per
 step by where megatron left the norm:
 
-* **On the device** (megatron keeps the norm a CUDA tensor when TE or apex provides its
-  multi-tensor kernels) and every chained optimizer is torch's fused Adam(W): the norm's
+* **On the device** (megatron-core 0.19.2 keeps the norm a CUDA tensor when TE provides its
+  multi-tensor kernels; with apex alone it reads it itself) and every chained optimizer is torch's
+  fused Adam(W): the norm's
   ``~isfinite`` goes to the optimizers as their ``found_inf`` -- torch's own protocol for fused
   optimizers (``torch.amp.GradScaler`` sets the same attribute): the fused kernel then skips the
   update and takes back its step count, on the device. The norm is read to the host once, *after*
@@ -27,8 +30,8 @@ step by where megatron left the norm:
   of the gradients (``finalize_model_grads`` under ``calculate_per_token_loss``: 4.6 ms a step) is
   folded in too (``defer_token_scaling``): the norm of the raw sums times ``1 / tokens`` is the
   norm megatron would have computed, and ``grad_scale`` grows by the token count.
-* **On the host** otherwise (megatron-core 0.19.2's fallback norm without TE/apex is a float: it
-  calls ``.item()`` itself; or an optimizer that cannot skip on the device): read before the
+* **On the host** otherwise (megatron-core 0.19.2's norm without TE is a float: it calls
+  ``.item()`` itself; or an optimizer that cannot skip on the device): read before the
   update, which then never starts. ``host_check=True`` forces this way (``--host-grad-norm-check``).
 
 ``checked`` also replaces TE's / apex's ``FusedAdam`` -- what megatron builds whenever either is
