@@ -148,7 +148,7 @@ def test_a_diverged_run_stops_naming_the_iteration(tmp_path, flags, needle):
 
 
 # ------------------------------------------------------------------------------------------------
-# The device path: megatron with TE/apex keeps the norm a device tensor; then the update is skipped
+# The device path: megatron with TE keeps the norm a device tensor; then the update is skipped
 # by torch's fused Adam(W) itself (``found_inf``) and the norm is read only after the update was
 # launched. On CPU, megatron's norm is a float (its fallback calls .item()), so these runs hand the
 # same value back as a tensor (what the TE path returns), stand in for TE's multi_tensor_scale_tensor
