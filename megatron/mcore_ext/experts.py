@@ -121,21 +121,18 @@ def _fused_swiglu_ok(h: torch.Tensor, cfg) -> bool:
     five elementwise passes over strided ``[R, F]`` halves, ~3 ms a step for ``proxy-hybrid`` on
     one H200). On CUDA only (inductor's Triton kernels; on CPU it would compile C++ for every shape)
     and only for plain SiLU, where megatron's jit_fuser is torch.compile and Triton imports."""
-    if not h.is_cuda or cfg.activation_func is not F.silu:
+    return h.is_cuda and cfg.activation_func is F.silu and _compiled_fusions()
+
+
+@functools.cache
+def _compiled_fusions() -> bool:
+    from megatron.core import jit
+
+    try:
+        import triton  # noqa: F401 - inductor's GPU backend
+    except ImportError:
         return False
-    global _FUSED_SWIGLU
-    if _FUSED_SWIGLU is None:
-        from megatron.core import jit
-
-        try:
-            import triton  # noqa: F401 - inductor's GPU backend
-            _FUSED_SWIGLU = jit.jit_fuser is torch.compile
-        except ImportError:
-            _FUSED_SWIGLU = False
-    return _FUSED_SWIGLU
-
-
-_FUSED_SWIGLU = None
+    return jit.jit_fuser is torch.compile
 
 
 def _takes_main_grad(weights: list) -> bool:

@@ -167,7 +167,7 @@ def fused_adam_summary(optimizer, switched: int) -> str:
                  "reads the norm after the update is queued; --host-grad-norm-check keeps FusedAdam)")
     elif getattr(optimizer, "host_check", False):
         line += "; the gradient norm is read before the update (--host-grad-norm-check)"
-    clip_in_adam = getattr(optimizer, "_clip_in_adam", None)
+    clip_in_adam = getattr(optimizer, "clip_in_adam", None)  # grad_norm_check.GradNormCheckedOptimizer
     if clip_in_adam is not None and clip_in_adam() is not None:
         line += "; a device gradient norm's clipping is done inside the fused AdamW kernel (its grad_scale)"
         if getattr(optimizer, "takes_token_scaling", lambda: False)():

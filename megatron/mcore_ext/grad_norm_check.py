@@ -70,13 +70,16 @@ def _error(norm: float, where: str) -> NonFiniteGradError:
         "has megatron's DDP name the first rank and gradient bucket holding it)")
 
 
+def _live(chained) -> list:
+    """megatron's optimizers under ``chained`` but its stubs (a rank without parameters of a kind)."""
+    return [opt for opt in chained if not getattr(opt, "is_stub_optimizer", False)]
+
+
 def _device_skippers(chained) -> list | None:
     """The torch optimizers under ``chained`` when every one can skip its update on the device
     (torch's Adam/AdamW with every non-empty group fused), else None."""
     inner = []
-    for opt in chained:
-        if getattr(opt, "is_stub_optimizer", False):
-            continue
+    for opt in _live(chained):
         torch_opt = getattr(opt, "optimizer", None)
         if not isinstance(torch_opt, (torch.optim.Adam, torch.optim.AdamW)):
             return None
@@ -116,7 +119,7 @@ class GradNormCheckedOptimizer(ChainedOptimizer):
         if self._takes is None:
             from megatron.core.optimizer import clip_grads
 
-            self._takes = self._clip_in_adam() is not None and clip_grads.multi_tensor_scale_tensor_impl is not None
+            self._takes = self.clip_in_adam() is not None and clip_grads.multi_tensor_scale_tensor_impl is not None
         return self._takes
 
     def _take_token_scale(self):
@@ -143,14 +146,14 @@ class GradNormCheckedOptimizer(ChainedOptimizer):
             raise _error(float(norm), "the norm was read before it")
         return norm
 
-    def _clip_in_adam(self) -> float | None:
+    def clip_in_adam(self) -> float | None:
         """``clip_grad`` when the clipping can be torch's fused Adam's ``grad_scale`` (module
         docstring), else None; decided when first asked -- after the trainer chose the optimizer's
         kernels (``fallbacks.use_fused_adam``), by its start-up log -- then kept."""
         if self._clip is ...:
             from megatron.core.optimizer.optimizer import GRAD_NORM_GROUP_ATTR
 
-            live = [o for o in self.chained_optimizers if not getattr(o, "is_stub_optimizer", False)]
+            live = _live(self.chained_optimizers)
             clips = {o.config.clip_grad for o in live}
             simple = not self.host_check and _device_skippers(self.chained_optimizers) is not None and len(clips) == 1 \
                 and not any(math.isfinite(getattr(o.config, "grad_norm_skip_threshold", math.inf))
@@ -160,7 +163,7 @@ class GradNormCheckedOptimizer(ChainedOptimizer):
         return self._clip
 
     def _step_clipping_in_adam(self, clip: float):
-        """megatron's ``ChainedOptimizer.step`` for the case ``_clip_in_adam`` allows, the clipping
+        """megatron's ``ChainedOptimizer.step`` for the case ``clip_in_adam`` allows, the clipping
         of a device norm left to the fused kernel."""
         self.grad_norms_by_group = {}
         if self.prepare_grads():  # fp16's loss scaler found an Inf: megatron skips the step
@@ -176,8 +179,7 @@ class GradNormCheckedOptimizer(ChainedOptimizer):
         else:  # a host float: megatron's clipping (and the deferred scaling first, as a pass of its own)
             from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
-            live = [o for o in self.chained_optimizers
-                    if not getattr(o, "is_stub_optimizer", False) and o.get_parameters()]
+            live = [o for o in _live(self.chained_optimizers) if o.get_parameters()]
             if tokens is not None:
                 grads = [p.grad for o in live for p in o.get_parameters() if p.grad is not None]
                 torch._foreach_mul_(grads, float(tokens))
@@ -188,7 +190,7 @@ class GradNormCheckedOptimizer(ChainedOptimizer):
 
     def step(self):
         self._unread = None
-        clip = self._clip_in_adam()
+        clip = self.clip_in_adam()
         try:
             result = super().step() if clip is None else self._step_clipping_in_adam(clip)
         finally:
