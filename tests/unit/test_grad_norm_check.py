@@ -159,6 +159,16 @@ DEVICE_ARGV = ARGV + ["--clip-grad", "0"]
 STAND_IN = str(ROOT / "tests" / "plugins" / "group_step_adam.py")
 
 
+def _install_stand_in():
+    """What the plugin does: megatron then builds a FusedAdam-style optimizer. Executed on every call
+    (not ``registry.load_plugin``, which imports a file once): the callers restore megatron's Adam
+    afterwards, in a pool process that runs them again."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("group_step_adam_in_test", STAND_IN)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
 def _two_steps_device_norm(argv, poison, fused_adam_stand_in: bool = False, keep_params: bool = False,
                            world_size: int = 1):
     """``_two_steps`` with the norm returned as a tensor; also each inner Adam step's ``found_inf``
@@ -201,10 +211,8 @@ def _two_steps_device_norm(argv, poison, fused_adam_stand_in: bool = False, keep
     DistributedDataParallel.scale_gradients = counting_buffer_scale
     BatchedGradDDP.scale_gradients = recording_scale
     try:
-        if fused_adam_stand_in:  # what the plugin does: megatron builds a FusedAdam-style optimizer
-            import importlib.util
-            spec = importlib.util.spec_from_file_location("group_step_adam_in_test", STAND_IN)
-            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        if fused_adam_stand_in:
+            _install_stand_in()
         out = _two_steps(argv, poison, world_size=world_size, keep_params=keep_params)
         from megatron.core import parallel_state as ps  # noqa: F401 - the build above initialised it
         out.update(updates=updates, scales=scales, norms=norms, factors=factors, buffer_scalings=buffer_scalings)
@@ -221,9 +229,7 @@ def _adam_class(argv, fused_adam_stand_in: bool):
     saved = (mo.Adam, mo.USING_PYTORCH_OPTIMIZER)
     try:
         if fused_adam_stand_in:
-            import importlib.util
-            spec = importlib.util.spec_from_file_location("group_step_adam_in_test", STAND_IN)
-            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+            _install_stand_in()
         _, _, _, optimizer, _ = build(argv)
         return [type(o.optimizer).__name__ for o in optimizer.chained_optimizers]
     finally:
