@@ -10,15 +10,22 @@ H100 for the ``proxy`` variant: 245 ms of GPU work in a 1085 ms step; ``aten::mm
 ``local_experts.{i}.linear_fc1/linear_fc2`` parameters, the same sharded state dict and
 checkpoints, the same HF conversion -- and replaces the loop by ``torch._grouped_mm`` over the
 stacked expert weights: one GEMM for fc1 and one for fc2, each a single kernel forward and two
-backward. Stacking copies the weights once per forward (a few hundred MB per step for ``proxy``,
-well under a millisecond of memory traffic per layer); gradients flow back through the stack into
-each expert's own parameter.
+backward. The stacked weights are read in place where the experts share one storage (below),
+else stacked by a copy each forward; gradients flow back into each expert's own parameter.
 
 It applies when the experts are plain: no bias, no expert tensor parallelism (each rank holds
 whole experts), no FP8/FP4, probabilities applied after the activation, ``torch._grouped_mm``
 available; otherwise it falls back to ``SequentialMLP.forward``. Plug it in through the spec
 (``use_grouped_experts``), like the router. On a GPU the SwiGLU and the probabilities are one
 fused kernel (megatron-core's weighted SwiGLU, ``_fused_swiglu_ok``).
+
+One storage for the stacked weights: at construction each expert's ``linear_fc1.weight`` (and
+``linear_fc2.weight``) becomes a view ``[out, in]`` of one contiguous ``[E, out, in]`` block, so
+the forward reads the stacked weights as a strided view instead of copying them with
+``torch.stack`` (``_stacked_view``; the parameters, their names and what a checkpoint holds are
+unchanged). Anything that later gives the parameters their own memory -- megatron's distributed
+optimizer places each parameter in its DDP buffer, in reverse order -- breaks the layout; the
+forward then checks it each call and stacks, as before.
 
 Gradient accumulation into ``main_grad`` (under megatron's DDP): left to autograd, the stacked
 weight gradient ``[E, out, in]`` is split into one ``.grad`` per expert, and DDP's per-parameter
@@ -64,6 +71,12 @@ class GroupedGemmSequentialMLP(SequentialMLP):
     #: the stacked weights' backward adds into ``main_grad`` and gives the expert parameters no
     #: ``.grad`` (so no per-parameter hook runs); only when nothing needs those hooks, see above
     skip_param_grad_hooks: bool = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.num_local_experts > 1:
+            _share_storage([e.linear_fc1.weight for e in self.local_experts])
+            _share_storage([e.linear_fc2.weight for e in self.local_experts])
 
     def _grouped_ok(self, x: torch.Tensor) -> bool:
         cfg = self.config
@@ -135,6 +148,37 @@ def _compiled_fusions() -> bool:
     return jit.jit_fuser is torch.compile
 
 
+def _share_storage(weights: list) -> None:
+    """Make the experts' equally shaped weights views ``w[i]`` of one contiguous ``[E, out, in]``
+    block (values unchanged), so that ``_stacked_view`` finds them stacked."""
+    first = weights[0]
+    if first.is_meta or any(w.shape != first.shape or w.dtype != first.dtype or w.device != first.device
+                            for w in weights):
+        return
+    with torch.no_grad():
+        block = torch.stack([w.detach() for w in weights])
+    for i, w in enumerate(weights):
+        w.data = block[i]
+
+
+def _stacked_view(weights: list):
+    """The weights as one ``[E, out, in]`` view (no copy) when they lie back to back in one
+    storage in expert order (``_share_storage``), else None. Detached: the callers route the
+    gradient themselves."""
+    first = weights[0]
+    if not first.is_contiguous():
+        return None
+    size = first.numel()
+    base, ptr = first.untyped_storage().data_ptr(), first.data_ptr()
+    step = size * first.element_size()
+    for i, w in enumerate(weights):
+        if (w.shape != first.shape or w.dtype != first.dtype or not w.is_contiguous()
+                or w.untyped_storage().data_ptr() != base or w.data_ptr() != ptr + i * step):
+            return None
+    return first.detach().as_strided((len(weights),) + tuple(first.shape), (size,) + first.stride(),
+                                     first.storage_offset())
+
+
 def _takes_main_grad(weights: list) -> bool:
     return all(hasattr(p, "main_grad") and hasattr(p, "grad_added_to_main_grad")
                and not getattr(p, "zero_out_wgrad", False) for p in weights)
@@ -154,8 +198,15 @@ def _stacked(weights: list, skip_param_grad_hooks: bool = False) -> torch.Tensor
 
 
 def _add_to_main_grads(weights: list, grad: torch.Tensor) -> torch.Tensor:
+    """``main_grad[i] += grad[i]`` for every expert. Eager: the gradient cast to the buffers' dtype
+    once, then one foreach add (two launches). Inside a CUDA graph capture, where launches cost
+    nothing at replay: the uncast gradient, so that each expert's add converts in its own kernel
+    (torch's foreach falls back to one add per tensor for mixed dtypes) -- 10 bytes an element
+    moved instead of 18 (the cast writes an fp32 copy that the add reads again)."""
     mains = [p.main_grad for p in weights]
-    torch._foreach_add_(mains, list(grad.to(mains[0].dtype).unbind(0)))
+    if grad.dtype != mains[0].dtype and not (grad.is_cuda and torch.cuda.is_current_stream_capturing()):
+        grad = grad.to(mains[0].dtype)
+    torch._foreach_add_(mains, list(grad.unbind(0)))
     for p in weights:
         p.grad_added_to_main_grad = True  # DDP's hook: already in main_grad, do not add .grad
     return grad
@@ -174,7 +225,8 @@ class _StackIntoMainGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor, weights):
         ctx.weights = weights
-        return torch.stack(weights)
+        view = _stacked_view(weights)
+        return torch.stack(weights) if view is None else view
 
     @staticmethod
     def backward(ctx, grad):

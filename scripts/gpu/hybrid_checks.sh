@@ -4,6 +4,8 @@
 #   bash scripts/gpu/hybrid_checks.sh [STEP ...]     (default: all steps, in this order)
 #   tests    fla against our torch kernels on one GDN layer, the no-sync check, and the hybrid layers
 #            graphed against eager (tests/unit/test_layer_graphs.py, tiny-hybrid)
+#   units    the short GPU unit tests of the MoE layer (no fla): the sorted dispatch and fused SwiGLU
+#            against megatron's dispatcher / SequentialMLP, the expert gradients added under a capture
 #   check    layer_graphs_check.py on proxy-hybrid: per-layer outputs, loss and gradients, graphed vs eager
 #   bench    the text bench of the HF anchor (4 x 2,048 tokens): ours THD eager and HF in one run
 #   graphs   the same, ours THD with --cuda-graph-layers (rows padded to 1,024, samples to 64)
@@ -34,6 +36,8 @@ for step in ${@:-tests check bench graphs mix profile gprofile pack}; do
   case $step in
     tests) timeout "$S" python3 -m pytest -q -s -rs tests/unit/test_gdn_gpu.py tests/unit/test_layer_graphs.py \
              -p no:cacheprovider > "$O/hybrid_tests.log" 2>&1; q < "$O/hybrid_tests.log" ;;
+    units) timeout "$S" python3 -m pytest -q -rs -p no:cacheprovider tests/unit/test_sorted_dispatch.py \
+             tests/unit/test_grouped_experts_storage.py -k "gpu or capture" > "$O/units.log" 2>&1; q < "$O/units.log" ;;
     check) timeout "$S" python3 scripts/bench/layer_graphs_check.py --variant proxy-hybrid --seq-length 2048 --steps 3 \
              > "$O/layer_graphs_check_hybrid.txt" 2>&1; q 12 < "$O/layer_graphs_check_hybrid.txt" ;;
     bench) timeout "$S" python3 scripts/bench/train_throughput.py $TXT --warmup 3 --steps 15 --configs ours-thd,hf-bshd \
@@ -59,6 +63,6 @@ for step in ${@:-tests check bench graphs mix profile gprofile pack}; do
                 --min-tokens 2048 --max-tokens 2048 --image-prob 0 --cuda-graph-layers > "$O/gpu_gaps_hybrid_graphs.txt" 2>&1
               grep -A14 "steps: wall" "$O/gpu_gaps_hybrid_graphs.txt" | cut -c1-200 ;;
     pack) bash scripts/gpu/triton_cache.sh pack ;;
-    *) echo "unknown step $step (tests check bench graphs graphsab mix mixg profile gprofile pack)"; exit 2 ;;
+    *) echo "unknown step $step (tests units check bench graphs graphsab mix mixg profile gprofile pack)"; exit 2 ;;
   esac
 done

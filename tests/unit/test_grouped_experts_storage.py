@@ -1,0 +1,122 @@
+"""The grouped experts read their stacked weights in place: each expert's ``linear_fc1`` /
+``linear_fc2`` weight is a view of one ``[E, out, in]`` block (``experts._share_storage``), so the
+forward's stack is a strided view, not a copy; when something gives a weight its own memory again
+(megatron's distributed optimizer does), the forward copies as before, with the same values and
+the same gradients into ``main_grad``. And inside a CUDA graph capture the stacked gradient is added
+to the fp32 buffers without the separate cast, with bit-equal results."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron.mcore_ext.testing import run_distributed
+
+
+def _experts_module():
+    from megatron.mcore_ext.experts import GroupedGemmSequentialMLP
+    from multimodal_dev.models import BuildOptions
+    from multimodal_dev.models.qwen35_vl.configuration import configs_for_variant
+    from multimodal_dev.models.qwen35_vl.model import build_qwen35_language_model
+
+    text, _, _ = configs_for_variant("tiny")
+    lm = build_qwen35_language_model(text, BuildOptions(pre_process=True, post_process=True))
+    return [m for m in lm.modules() if isinstance(m, GroupedGemmSequentialMLP)][0]
+
+
+def _storage_and_fallback():
+    import torch
+
+    from megatron.mcore_ext import experts as ex
+
+    mod = _experts_module()
+    for name in ("linear_fc1", "linear_fc2"):
+        ws = [getattr(e, name).weight for e in mod.local_experts]
+        assert len(ws) > 1
+        # one storage, expert order, no gap
+        assert len({w.untyped_storage().data_ptr() for w in ws}) == 1, name
+        view = ex._stacked_view(ws)
+        assert view is not None and view.data_ptr() == ws[0].data_ptr(), name
+        assert torch.equal(view, torch.stack([w.detach() for w in ws]))
+        # an optimizer's in-place write into one expert is what the next forward reads
+        with torch.no_grad():
+            ws[3].add_(1.0)
+        assert torch.equal(view[3], ws[3].detach())
+
+        # the main_grad path: a view forward, every expert's gradient into its main_grad
+        for w in ws:
+            w.main_grad = torch.zeros_like(w, dtype=torch.float32)
+            w.grad_added_to_main_grad = False
+        scale = torch.randn((len(ws),) + tuple(ws[0].shape))
+        stacked = ex._stacked(ws, skip_param_grad_hooks=True)
+        assert stacked.data_ptr() == ws[0].data_ptr(), "the forward copied the weights"
+        (stacked * scale).sum().backward()
+        for i, w in enumerate(ws):
+            assert torch.equal(w.main_grad, scale[i]), (name, i)
+            assert w.grad is None and w.grad_added_to_main_grad
+
+        # one weight re-homed (as megatron's distributed optimizer does to every parameter): the
+        # layout check refuses the view, the forward stacks a copy, same values, same gradients
+        ws[2].data = ws[2].data.clone()
+        assert ex._stacked_view(ws) is None
+        for w in ws:
+            w.main_grad.zero_()
+        stacked = ex._stacked(ws, skip_param_grad_hooks=True)
+        assert stacked.data_ptr() != ws[0].data_ptr()
+        assert torch.equal(stacked, torch.stack([w.detach() for w in ws]))
+        (stacked * scale).sum().backward()
+        for i, w in enumerate(ws):
+            assert torch.equal(w.main_grad, scale[i]), (name, i)
+    return True
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no torch._grouped_mm")
+def test_expert_weights_are_views_of_one_block_and_fall_back_to_a_copy():
+    assert run_distributed(_storage_and_fallback, world_size=1) == [True]
+
+
+def test_share_storage_skips_unequal_and_meta_weights():
+    from megatron.mcore_ext import experts as ex
+
+    ws = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4, 2))]
+    ptrs = [w.data_ptr() for w in ws]
+    ex._share_storage(ws)
+    assert [w.data_ptr() for w in ws] == ptrs and ex._stacked_view(ws) is None
+    meta = [torch.nn.Parameter(torch.empty(4, 3, device="meta")) for _ in range(3)]
+    ex._share_storage(meta)
+    assert all(w.is_meta for w in meta)
+    same = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(3)]
+    values = [w.detach().clone() for w in same]
+    ex._share_storage(same)
+    assert all(torch.equal(w, v) for w, v in zip(same, values))
+    assert ex._stacked_view(same) is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graph capture)")
+def test_main_grad_add_under_capture_equals_the_cast_then_add():
+    from megatron.mcore_ext import experts as ex
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (6, 96, 64)
+    grad = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g)
+    start = torch.randn(shape, device="cuda", generator=g)
+
+    def weights():
+        ws = [torch.nn.Parameter(torch.empty(shape[1:], device="cuda", dtype=torch.bfloat16)) for _ in range(shape[0])]
+        for w, s in zip(ws, start):
+            w.main_grad = s.clone()
+        return ws
+
+    eager = weights()
+    ex._add_to_main_grads(eager, grad)
+    graphed = weights()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        ex._add_to_main_grads(graphed, grad)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b, s in zip(eager, graphed, start):
+        assert not torch.equal(a.main_grad, s)  # it did add
+        assert torch.equal(a.main_grad, b.main_grad)
