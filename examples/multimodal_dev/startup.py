@@ -74,6 +74,8 @@ def setup_logging(logging_args, rank: int) -> None:
     root.setLevel(logging.INFO)
     for noisy in ("megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # but our own extensions' notices (which kernels and layouts were chosen, graph captures) are kept
+    logging.getLogger("megatron.mcore_ext").setLevel(logging.INFO)
     # known, harmless notices of megatron-core 0.19.2 that would repeat in every run
     for quiet in ("megatron.core.rerun_state_machine", "megatron.core.models.gpt.gpt_model",
                   "megatron.core.dist_checkpointing.strategies.torch"):

@@ -47,6 +47,7 @@ so the flag stays off and the gradients flow as above.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,8 @@ from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 __all__ = ["GroupedGemmSequentialMLP", "use_grouped_experts", "grouped_mm_available"]
+
+log = logging.getLogger(__name__)
 
 
 def grouped_mm_available() -> bool:
@@ -179,6 +182,15 @@ def _stacked_view(weights: list):
                                      first.storage_offset())
 
 
+@functools.cache
+def _log_layout_once(in_place: bool) -> None:
+    if in_place:
+        log.info("grouped experts: the stacked expert weights are read in place (one storage per layer)")
+    else:
+        log.info("grouped experts: the expert weights do not lie in one storage (e.g. in the distributed "
+                 "optimizer's buffers): they are stacked by a copy in each forward")
+
+
 def _takes_main_grad(weights: list) -> bool:
     return all(hasattr(p, "main_grad") and hasattr(p, "grad_added_to_main_grad")
                and not getattr(p, "zero_out_wgrad", False) for p in weights)
@@ -226,6 +238,7 @@ class _StackIntoMainGrad(torch.autograd.Function):
     def forward(ctx, anchor, weights):
         ctx.weights = weights
         view = _stacked_view(weights)
+        _log_layout_once(view is not None)
         return torch.stack(weights) if view is None else view
 
     @staticmethod
