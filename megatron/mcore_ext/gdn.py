@@ -17,6 +17,8 @@ of that and changes three things, chosen in the layer spec (``models/spec.py``):
    all-to-all back -> out_proj. What megatron does as separate PyTorch ops runs inside fla's
    kernels, as their options allow: the l2norm of q and k, g = -exp(A_log) softplus(alpha + dt_bias),
    sigmoid(beta), and q/k at the key heads (grouped value heads, no ``repeat_interleave`` copy);
+   the conv runs once per section on the projection's strided slices, so q, k and v reach the rule
+   contiguous (``_conv``);
    the output norm is ``GatedRMSNorm`` (the spec's choice for RMSNorm models): norm, weight and
    gate as one kernel. The packed boundaries come from the host
    (``packed_seq.padded_boundaries``: the collate's copy), not read back from the GPU per layer.
@@ -270,20 +272,29 @@ class KernelGatedDeltaNet(GatedDeltaNet):
 
     def _conv(self, qkv, cu, cu_cpu, chunks):
         """Causal conv1d + SiLU over each sequence -> q, k ``[b, T, key heads, K]`` and v
-        ``[b, T, value heads, V]`` (q and k not yet l2-normed: the rule's kernel does that)."""
+        ``[b, T, value heads, V]`` (q and k not yet l2-normed: the rule's kernel does that).
+
+        The conv is depthwise, so it runs once per section (q, k, v) on the strided slices of the
+        projection: each output is contiguous, as the rule's kernels need their inputs (fla makes
+        them so), instead of one output split into three strided views that fla then copies, and
+        whose gradients the split's backward concatenates again (two copies of ``[T, q+k+v]`` per
+        layer)."""
         cp = self.pg_collection.cp
         sections = [self.qk_dim_local_tp, self.qk_dim_local_tp, self.v_dim_local_tp]
+        local = [n // self.cp_size for n in sections]
         weight = get_parameter_local_cp(self.conv1d.weight, dim=0, cp_group=cp, split_sections=sections)
-        bias = (get_parameter_local_cp(self.conv1d.bias, dim=0, cp_group=cp, split_sections=sections)
-                if self.conv_bias else None)
-        qkv, _ = self.kernels.causal_conv1d(x=qkv, weight=weight.squeeze(1), bias=bias, activation=self.activation,
-                                            initial_state=None, output_final_state=False, cu_seqlens=cu,
-                                            cu_seqlens_cpu=cu_cpu, chunk_indices=chunks)
+        weights = torch.split(weight.squeeze(1), local, 0)
+        biases = ((None,) * 3 if not self.conv_bias else torch.split(
+            get_parameter_local_cp(self.conv1d.bias, dim=0, cp_group=cp, split_sections=sections), local, 0))
         b, t = qkv.shape[:2]
-        qk_dim = self.qk_dim_local_tp // self.cp_size
-        query, key, value = torch.split(qkv, [qk_dim, qk_dim, self.v_dim_local_tp // self.cp_size], -1)
-        return (query.reshape(b, t, -1, self.key_head_dim), key.reshape(b, t, -1, self.key_head_dim),
-                value.reshape(b, t, -1, self.value_head_dim))
+        out = []
+        for x, w, bias, head_dim in zip(torch.split(qkv, local, -1), weights, biases,
+                                        (self.key_head_dim, self.key_head_dim, self.value_head_dim)):
+            y, _ = self.kernels.causal_conv1d(x=x, weight=w, bias=bias, activation=self.activation,
+                                              initial_state=None, output_final_state=False, cu_seqlens=cu,
+                                              cu_seqlens_cpu=cu_cpu, chunk_indices=chunks)
+            out.append(y.reshape(b, t, -1, head_dim))
+        return tuple(out)
 
     def _norm_and_back(self, out, gate, inverse, cu):
         """out_norm(o) * silu(z) per value head, then back to [s/CP, b, D_tp / CP x CP]."""

@@ -45,9 +45,8 @@ def test_the_model_gets_the_collates_host_boundaries():
     assert psp.cu_seqlens_q_padded_cpu.tolist() == batch["cu_seqlens_padded"].tolist() == [0, 8, 12, 24]
 
 
-def _layer_on(psp_kind: str, end: int):
-    """tiny-hybrid's first GDN layer (torch kernels) on one packed row, with host or plain
-    boundaries; ``end`` != the row length gives wrong boundaries on purpose."""
+def _tiny_gdn_layer():
+    """A GDN layer of tiny-hybrid's sizes (torch kernels; 2 key / 4 value heads of 16)."""
     from megatron.core.ssm.gated_delta_net import GatedDeltaNetSubmodules
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
@@ -62,8 +61,14 @@ def _layer_on(psp_kind: str, end: int):
                             linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
                             linear_value_head_dim=16)
     sub = GatedDeltaNetSubmodules(in_proj=ColumnParallelLinear, out_norm=TorchNorm, out_proj=RowParallelLinear)
-    layer = KernelGatedDeltaNet(text.to_transformer_config(), sub, layer_number=1, kernels="torch",
-                                pg_collection=get_default_pg_collection())
+    return KernelGatedDeltaNet(text.to_transformer_config(), sub, layer_number=1, kernels="torch",
+                               pg_collection=get_default_pg_collection())
+
+
+def _layer_on(psp_kind: str, end: int):
+    """The tiny GDN layer on one packed row, with host or plain boundaries; ``end`` != the row
+    length gives wrong boundaries on purpose."""
+    layer = _tiny_gdn_layer()
     lens = [5, 1, 9, 17]
     host = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist()[:-1] + [end])
     cu = host.to(torch.int32)
@@ -83,6 +88,29 @@ def test_the_gdn_layer_gives_the_same_output_on_host_boundaries_and_checks_them(
     for kind in ("host", "plain"):
         err = run_distributed(_layer_on, 1, args=(kind, 30))[0]
         assert isinstance(err, str) and "end at 30, the row has 32 tokens" in err, err
+
+
+def _rule_inputs():
+    layer = _tiny_gdn_layer()
+    rule, seen = layer.gated_delta_rule, {}
+
+    def recording_rule(q, k, v, **kw):
+        seen.update(q=q.is_contiguous(), k=k.is_contiguous(), v=v.is_contiguous(),
+                    shapes=[tuple(q.shape), tuple(k.shape), tuple(v.shape)])
+        return rule(q, k, v, **kw)
+
+    layer.gated_delta_rule = recording_rule
+    x = torch.randn(32, 1, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    layer(x, None)[0].sum().backward()
+    return seen
+
+
+def test_the_gdn_rule_gets_contiguous_q_k_v():
+    """The conv runs per section, so q, k and v reach the rule contiguous: fla's rule would copy
+    strided ones (its input guard), and their gradients would be concatenated again."""
+    seen = run_distributed(_rule_inputs, 1)[0]
+    assert seen["shapes"] == [(1, 32, 2, 16), (1, 32, 2, 16), (1, 32, 4, 16)]
+    assert seen["q"] and seen["k"] and seen["v"], seen
 
 
 @pytest.mark.parametrize("bounds, chunk", [([0, 1, 64, 65, 200, 200, 207], 64), ([0, 4096], 64), ([0, 3, 9], 4),
