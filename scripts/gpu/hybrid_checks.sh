@@ -3,7 +3,10 @@
 # Hopper): the Gated DeltaNet proof and benchmark (issue 16, docs/performance.md "The hybrid model").
 #   bash scripts/gpu/hybrid_checks.sh [STEP ...]     (default: all steps, in this order)
 #   tests    fla against our torch kernels on one GDN layer, the no-sync check, and the hybrid layers
-#            graphed against eager (tests/unit/test_layer_graphs.py, tiny-hybrid)
+#            graphed against eager (tests/unit/test_layer_graphs.py, tiny-hybrid); each compiles fla's
+#            kernels for its own shapes, which a fresh machine did not finish in one call's bound, so
+#   gtests   test_gdn_gpu.py alone, and
+#   ltests   test_layer_graphs.py alone, for one call each
 #   units    the short GPU unit tests of the MoE layer (no fla): the sorted dispatch and fused SwiGLU
 #            against megatron's dispatcher / SequentialMLP, the expert gradients added under a capture
 #   check    layer_graphs_check.py on proxy-hybrid: per-layer outputs, loss and gradients, graphed vs eager
@@ -36,6 +39,10 @@ for step in ${@:-tests check bench graphs mix profile gprofile pack}; do
   case $step in
     tests) timeout "$S" python3 -m pytest -q -s -rs tests/unit/test_gdn_gpu.py tests/unit/test_layer_graphs.py \
              -p no:cacheprovider > "$O/hybrid_tests.log" 2>&1; q < "$O/hybrid_tests.log" ;;
+    gtests) timeout "$S" python3 -m pytest -q -s -rs tests/unit/test_gdn_gpu.py -p no:cacheprovider \
+              > "$O/gdn_gpu_tests.log" 2>&1; q < "$O/gdn_gpu_tests.log" ;;
+    ltests) timeout "$S" python3 -m pytest -q -s -rs tests/unit/test_layer_graphs.py -p no:cacheprovider \
+              > "$O/layer_graphs_tests.log" 2>&1; q < "$O/layer_graphs_tests.log" ;;
     units) timeout "$S" python3 -m pytest -q -rs -p no:cacheprovider tests/unit/test_sorted_dispatch.py \
              tests/unit/test_grouped_experts_storage.py -k "gpu or capture" > "$O/units.log" 2>&1; q < "$O/units.log" ;;
     check) timeout "$S" python3 scripts/bench/layer_graphs_check.py --variant proxy-hybrid --seq-length 2048 --steps 3 \
@@ -63,6 +70,6 @@ for step in ${@:-tests check bench graphs mix profile gprofile pack}; do
                 --min-tokens 2048 --max-tokens 2048 --image-prob 0 --cuda-graph-layers > "$O/gpu_gaps_hybrid_graphs.txt" 2>&1
               grep -A14 "steps: wall" "$O/gpu_gaps_hybrid_graphs.txt" | cut -c1-200 ;;
     pack) bash scripts/gpu/triton_cache.sh pack ;;
-    *) echo "unknown step $step (tests units check bench graphs graphsab mix mixg profile gprofile pack)"; exit 2 ;;
+    *) echo "unknown step $step (tests gtests ltests units check bench graphs graphsab mix mixg profile gprofile pack)"; exit 2 ;;
   esac
 done
