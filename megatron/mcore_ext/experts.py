@@ -199,10 +199,14 @@ def _takes_main_grad(weights: list) -> bool:
 def _stacked(weights: list, skip_param_grad_hooks: bool = False) -> torch.Tensor:
     """``torch.stack(weights)``; when every weight has a DDP ``main_grad`` (and autograd will reach
     them), the stacked gradient goes straight into those buffers (see the module docstring), and
-    with ``skip_param_grad_hooks`` the weights get no ``.grad`` at all."""
-    if skip_param_grad_hooks and torch.is_grad_enabled() and any(p.requires_grad for p in weights) \
-            and _takes_main_grad(weights):
+    with ``skip_param_grad_hooks`` the weights get no ``.grad`` at all. Where no gradient is
+    wanted (evaluation, frozen experts) the weights are read in place when they share a storage."""
+    wanted = torch.is_grad_enabled() and any(p.requires_grad for p in weights)
+    if skip_param_grad_hooks and wanted and _takes_main_grad(weights):
         return _StackIntoMainGrad.apply(_ANCHOR, weights)
+    view = None if wanted else _stacked_view(weights)
+    if view is not None:
+        return view
     w = torch.stack(weights)
     if w.requires_grad and _takes_main_grad(weights):
         w.register_hook(functools.partial(_add_to_main_grads, weights))

@@ -42,6 +42,18 @@ def _storage_and_fallback():
             ws[3].add_(1.0)
         assert torch.equal(view[3], ws[3].detach())
 
+        # no gradient wanted (evaluation, frozen experts): read in place as well
+        with torch.no_grad():
+            assert ex._stacked(ws, skip_param_grad_hooks=True).data_ptr() == ws[0].data_ptr()
+        for w in ws:
+            w.requires_grad_(False)
+        assert ex._stacked(ws).data_ptr() == ws[0].data_ptr()
+        for w in ws:
+            w.requires_grad_(True)
+        # without main_grad (plain autograd) a copy whose gradient reaches each weight's .grad
+        stacked = ex._stacked(ws)
+        assert stacked.data_ptr() != ws[0].data_ptr() and stacked.requires_grad
+
         # the main_grad path: a view forward, every expert's gradient into its main_grad
         for w in ws:
             w.main_grad = torch.zeros_like(w, dtype=torch.float32)
