@@ -20,7 +20,8 @@ What runs, in one process (world size 1), one model at a time:
    device before the clock starts (collation is timed apart and reported).
 3. HF: the same architecture from the variant (``hf_config_for_variant``: the mapping the
    project's HF-parity tests use), random weights, bf16 params on GPU (``--hf-amp``: fp32 params
-   + bf16 autocast, as HF Trainer's --bf16 does), ``attn_implementation`` = flash_attention_2 when
+   + bf16 autocast, as HF Trainer's --bf16 does; the configs ``hf-amp-*`` build that second model
+   beside the first, from the same seed), ``attn_implementation`` = flash_attention_2 when
    importable else sdpa (--hf-attn), HF's default experts implementation (grouped_mm when torch
    has it), torch AdamW (fused on GPU), clip_grad_norm 1.0, router aux loss on. Inputs: the padded
    BSHD batch with ``attention_mask`` ("hf-bshd"), and the packed row without a mask but with
@@ -87,11 +88,13 @@ from multimodal_dev.models.qwen35_vl.flops import model_flops_per_step, sample_l
 
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM spec sheet, bf16 dense (no sparsity)
 ALL_CONFIGS = ("ours-bshd", "ours-thd", "ours-te-bshd", "ours-te-thd", "ours-ab-bshd", "ours-ab-thd", "hf-bshd",
-               "hf-packed")
+               "hf-packed", "hf-amp-bshd", "hf-amp-packed")
 # ours-te-*: our trainer with --transformer-impl transformer_engine (appended to --megatron-args), a
 # second model built after the ours-* one, so one run compares the local backend, TE and HF (asked
 # for by name: TE is optional, so they are not in the default set). ours-ab-*: the same with
 # --ab-megatron-args appended instead: an A/B of one trainer flag side by side in one run.
+# hf-amp-*: a second HF model with fp32 params + bf16 autocast (as --hf-amp), beside the bf16-param
+# hf-* one: HF at our precision (fp32 master weights and Adam moments) and at its own, in one run.
 DEFAULT_CONFIGS = ("ours-bshd", "ours-thd", "hf-bshd", "hf-packed")
 
 
@@ -648,18 +651,19 @@ def hf_inputs(batch: dict, packed: bool, dtype: torch.dtype) -> dict:
     return kw
 
 
-def run_hf(args, variant_cfg, batches, flops, tokens, pads, peak, wanted) -> tuple[list[dict], dict]:
+def run_hf(args, variant_cfg, batches, flops, tokens, pads, peak, wanted, prefix="hf") -> tuple[list[dict], dict]:
     import torch.nn.functional as F
     import transformers
     from transformers import Qwen3_5MoeForConditionalGeneration
 
     dev = torch.device("cuda", torch.cuda.current_device()) if _cuda() else torch.device("cpu")
     bf16 = _cuda() and not args.fp32
-    amp = bf16 and args.hf_amp
+    amp = bf16 and (args.hf_amp or prefix == "hf-amp")
     param_dtype = torch.bfloat16 if bf16 and not amp else torch.float32
     attn = hf_attn_implementation(args.hf_attn)
     cfg = hf_config_for_variant(variant_cfg)
     t0 = time.perf_counter()
+    torch.manual_seed(args.seed)  # hf-* and hf-amp-* start from the same random weights
     with torch.device(dev):
         model = Qwen3_5MoeForConditionalGeneration._from_config(cfg, attn_implementation=attn, dtype=param_dtype)
     model.train()
@@ -702,7 +706,7 @@ def run_hf(args, variant_cfg, batches, flops, tokens, pads, peak, wanted) -> tup
     results = []
     # packed first: HF's better configuration should not run in a cache left behind by the padded
     # one (which may OOM at 4096 x 4 for proxy)
-    for name, layout, packed in (("hf-packed", "thd", True), ("hf-bshd", "bshd", False)):
+    for name, layout, packed in ((f"{prefix}-packed", "thd", True), (f"{prefix}-bshd", "bshd", False)):
         if name not in wanted:
             continue
         inputs = [(hf_inputs(b, packed, in_dtype), b["labels"]) for b in batches[layout]]
@@ -724,7 +728,8 @@ def run_hf(args, variant_cfg, batches, flops, tokens, pads, peak, wanted) -> tup
                                                     else " + document mask from position_ids" if "flex" in attn
                                                     else " + block-causal mask from position_ids"))
         results.append(measure(name, step, batches[layout], args, flops, tokens, pads[layout], peak,
-                               dict(framework="hf", layout=layout, attn=attn_desc, params_b=n_params / 1e9)))
+                               dict(framework="hf", layout=layout, attn=attn_desc, params_b=n_params / 1e9,
+                                    param_dtype=info["param_dtype"], autocast_bf16=amp)))
         del inputs, index
     del model, opt, params
     _free_memory()
@@ -862,16 +867,19 @@ def main(argv=None) -> int:
             traceback.print_exc()
             results += [dict(config=c, status=f"error: {type(e).__name__}: {e}") for c in mine]
             _free_memory()
-    if any(c.startswith("hf-") for c in wanted):
+    for prefix in ("hf", "hf-amp"):
+        mine = [c for c in wanted if c in (f"{prefix}-bshd", f"{prefix}-packed")]
+        if not mine:
+            continue
         try:
-            r, hf_info = run_hf(args, variant_cfg, batches, flops, tokens, pads, peak, wanted)
+            r, hf_info[prefix] = run_hf(args, variant_cfg, batches, flops, tokens, pads, peak, mine, prefix=prefix)
             results += r
         except Exception as e:  # noqa: BLE001
-            print(f"hf: cannot build or run Qwen3_5MoeForConditionalGeneration for {args.variant}: "
+            print(f"{prefix}: cannot build or run Qwen3_5MoeForConditionalGeneration for {args.variant}: "
                   f"{type(e).__name__}: {e}", flush=True)
             traceback.print_exc()
-            hf_info = dict(error=f"{type(e).__name__}: {e}")
-            results += [dict(config=c, status=f"error: {type(e).__name__}") for c in wanted if c.startswith("hf-")]
+            hf_info[prefix] = dict(error=f"{type(e).__name__}: {e}")
+            results += [dict(config=c, status=f"error: {type(e).__name__}") for c in mine]
             _free_memory()
 
     # ---- report -------------------------------------------------------------------------------
@@ -891,6 +899,12 @@ def main(argv=None) -> int:
               f"{best['hf']['config']} {best['hf']['tokens_per_s']:,.0f} real tok/s; ours/HF = "
               f"{summary['ours_over_hf']:.2f}x")
         print(f"ours/HF by median per-step rate (robust to outlier steps): {summary['ours_over_hf_median']:.2f}x")
+        hf_rows = [r for r in ok if r["framework"] == "hf"]
+        if len(hf_rows) > 1:  # e.g. HF at its bf16 params and at our precision (hf-amp-*)
+            summary["ours_over_hf_by_config"] = {r["config"]: best["ours"]["tokens_per_s"] / r["tokens_per_s"]
+                                                 for r in hf_rows}
+            print("best ours over each HF row: " + ", ".join(
+                f"{c} {v:.2f}x" for c, v in summary["ours_over_hf_by_config"].items()))
     o = {r["config"]: r for r in ok}
     if "ours-bshd" in o and "ours-thd" in o:
         summary["ours_thd_over_bshd"] = o["ours-thd"]["tokens_per_s"] / o["ours-bshd"]["tokens_per_s"]
@@ -906,7 +920,8 @@ def main(argv=None) -> int:
     print(f"MFU = useful model TFLOP/s / {_fmt(peak, 'g')} ({peak_src}); FLOP counting: multimodal_dev/models/qwen35_vl/flops.py")
     if args.json:
         out = dict(env=env, args={k: v for k, v in vars(args).items()}, data=data,
-                   model_flops_per_step_mean={k: v for k, v in parts.items()}, hf=hf_info, results=results,
+                   model_flops_per_step_mean={k: v for k, v in parts.items()}, hf=hf_info.get("hf", {}),
+                   hf_amp=hf_info.get("hf-amp", {}), results=results,
                    summary=summary, megatron_args=shlex.split(args.megatron_args))
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -17,6 +17,9 @@
 #            "--cross-entropy-loss-fusion --cross-entropy-fusion-impl native"; with TE carried also
 #            AB="--cross-entropy-loss-fusion --cross-entropy-fusion-impl te"; measured: AB=--chunked-lm-loss);
 #            $BASEARGS: trainer flags of both sides (e.g. TE's fused cross entropy, with AB adding to it)
+#   hfamp    the graphed text step of ours beside HF twice from one seed: bf16 params (the anchor) and
+#            fp32 params + bf16 autocast (hf-amp-bshd: our precision, fp32 master weights and moments);
+#            $BASEARGS as in graphsab
 #   mix      the variable-length image+text mix (4 samples of <= 4,096 tokens): ours BSHD and THD (rows
 #            padded to 1,024: few packed lengths, so few of fla's recompilations), two passes of the
 #            same steps, the second the steady state (issue 16's goal: THD >= 1.5x BSHD)
@@ -55,6 +58,9 @@ for step in ${@:-tests check bench graphs mix profile gprofile pack}; do
     graphsab) timeout "$S" python3 scripts/bench/train_throughput.py $TXT --warmup 3 --steps 15 --configs ours-thd,ours-ab-thd \
                --skip-hf --cuda-graph-layers --megatron-args="${BASEARGS:-}" --ab-megatron-args="${AB:---cross-entropy-loss-fusion --cross-entropy-fusion-impl native}" --json "$O/hybrid_text_graphs_ab.json" \
                > "$O/hybrid_text_graphs_ab.log" 2>&1; q 14 < "$O/hybrid_text_graphs_ab.log" ;;
+    hfamp) timeout "$S" python3 scripts/bench/train_throughput.py $TXT --warmup 3 --steps 15 \
+             --configs ours-thd,hf-bshd,hf-amp-bshd --cuda-graph-layers --megatron-args="${BASEARGS:-}" \
+             --json "$O/hybrid_text_hf_amp.json" > "$O/hybrid_text_hf_amp.log" 2>&1; q 14 < "$O/hybrid_text_hf_amp.log" ;;
     mix) timeout "$S" python3 scripts/bench/train_throughput.py --variant proxy-hybrid --seq-length 4096 \
            --samples-per-step 4 --warmup 3 --steps 8 --passes 2 --no-gemm-check --configs ours-bshd,ours-thd --skip-hf \
            --thd-row-multiple 1024 --json "$O/hybrid_mix.json" > "$O/hybrid_mix.log" 2>&1; q 12 < "$O/hybrid_mix.log" ;;
@@ -70,6 +76,6 @@ for step in ${@:-tests check bench graphs mix profile gprofile pack}; do
                 --min-tokens 2048 --max-tokens 2048 --image-prob 0 --cuda-graph-layers > "$O/gpu_gaps_hybrid_graphs.txt" 2>&1
               grep -A14 "steps: wall" "$O/gpu_gaps_hybrid_graphs.txt" | cut -c1-200 ;;
     pack) bash scripts/gpu/triton_cache.sh pack ;;
-    *) echo "unknown step $step (tests gtests ltests units check bench graphs graphsab mix mixg profile gprofile pack)"; exit 2 ;;
+    *) echo "unknown step $step (tests gtests ltests units check bench graphs graphsab hfamp mix mixg profile gprofile pack)"; exit 2 ;;
   esac
 done

@@ -2,7 +2,7 @@
 # One GPU-machine call (at most 10 minutes) spent on several named steps, each bounded by what is
 # left, with the Triton cache packed at the end whatever happened before:
 #   bash scripts/gpu/run_steps.sh DEADLINE_S ITEM...
-#   ITEM  h:STEP   scripts/gpu/hybrid_checks.sh STEP (tests gtests ltests units check bench graphs graphsab mix mixg profile gprofile)
+#   ITEM  h:STEP   scripts/gpu/hybrid_checks.sh STEP (tests gtests ltests units check bench graphs graphsab hfamp mix mixg profile gprofile)
 #         t:STEP   scripts/gpu/te_checks.sh STEP (tests bench graphs experts gv thd3; needs TE carried)
 #         distopt  tests/unit/test_faults.py -k distributed_optimizer (issue 18; 3 cases, ~6 minutes);
 #                  with TE carried megatron's Adam is TE's FusedAdam, so `distopt:torch` runs them

@@ -235,3 +235,28 @@ def test_the_recorded_tree_names_the_files_run_not_the_commit_checked_out(tmp_pa
     assert git("status", "--porcelain").splitlines() == ["M a.py", "?? b.py"]  # the index untouched
     git("add", "-A"); git("commit", "-qm", "two")
     assert tree == git("rev-parse", "HEAD^{tree}")
+
+
+def test_hf_amp_rows_are_a_second_hf_model_of_the_same_seed(tmp_path):
+    """``hf-amp-*`` beside ``hf-*``: HF built twice from the same seed, once per precision (on a GPU
+    bf16 params, and fp32 params + bf16 autocast; on CPU both run fp32, so their losses are equal),
+    each row saying its precision, and ours over each HF row in the summary."""
+    out = tmp_path / "tp.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench" / "train_throughput.py"), "--variant", "tiny",
+           "--seq-length", "256", "--samples-per-step", "2", "--warmup", "0", "--steps", "2", "--no-gemm-check",
+           "--configs", "ours-thd,hf-bshd,hf-amp-bshd", "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    by = {x["config"]: x for x in d["results"]}
+    hf, amp = by["hf-bshd"], by["hf-amp-bshd"]
+    assert hf["status"] == amp["status"] == "ok"
+    assert hf["param_dtype"] == amp["param_dtype"] == d["hf"]["param_dtype"] == d["hf_amp"]["param_dtype"] == "float32"
+    assert hf["autocast_bf16"] is False and amp["autocast_bf16"] is False  # no bf16 on CPU
+    assert hf["losses"] == amp["losses"]  # the same seed, the same precision here
+    ratios = d["summary"]["ours_over_hf_by_config"]
+    for name, row in (("hf-bshd", hf), ("hf-amp-bshd", amp)):
+        assert abs(ratios[name] - by["ours-thd"]["tokens_per_s"] / row["tokens_per_s"]) < 1e-9
