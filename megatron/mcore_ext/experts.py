@@ -25,7 +25,8 @@ the forward reads the stacked weights as a strided view instead of copying them 
 ``torch.stack`` (``_stacked_view``; the parameters, their names and what a checkpoint holds are
 unchanged). Anything that later gives the parameters their own memory -- megatron's distributed
 optimizer places each parameter in its DDP buffer, in reverse order -- breaks the layout; the
-forward then checks it each call and stacks, as before.
+forward then checks it each call and stacks, as before. Moving or casting the module
+(``.cuda()``, ``.to()``) re-forms the block (``_apply``).
 
 Gradient accumulation into ``main_grad`` (under megatron's DDP): left to autograd, the stacked
 weight gradient ``[E, out, in]`` is split into one ``.grad`` per expert, and DDP's per-parameter
@@ -77,6 +78,17 @@ class GroupedGemmSequentialMLP(SequentialMLP):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self._share_expert_storage()
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.cuda()``, ``.to()``, ``.bfloat16()`` ... give every parameter a tensor of its own (a
+        model built on the CPU, e.g. ``--layout-independent-init``, is moved this way): put the
+        experts' weights back into one block afterwards, as ``torch.nn.RNNBase`` re-flattens its."""
+        out = super()._apply(fn, *args, **kwargs)
+        self._share_expert_storage()
+        return out
+
+    def _share_expert_storage(self) -> None:
         if self.num_local_experts > 1:
             _share_storage([e.linear_fc1.weight for e in self.local_experts])
             _share_storage([e.linear_fc2.weight for e in self.local_experts])
@@ -153,10 +165,16 @@ def _compiled_fusions() -> bool:
 
 def _share_storage(weights: list) -> None:
     """Make the experts' equally shaped weights views ``w[i]`` of one contiguous ``[E, out, in]``
-    block (values unchanged), so that ``_stacked_view`` finds them stacked."""
+    block (values unchanged), so that ``_stacked_view`` finds them stacked; nothing to do when
+    they already are. Only weights that each own their memory are moved: one that is a view into
+    a buffer of someone else's (megatron DDP's for the distributed optimizer, which keeps updating
+    that buffer) stays where it is."""
     first = weights[0]
-    if first.is_meta or any(w.shape != first.shape or w.dtype != first.dtype or w.device != first.device
-                            for w in weights):
+    if first.is_meta or _stacked_view(weights) is not None:
+        return
+    if any(w.shape != first.shape or w.dtype != first.dtype or w.device != first.device
+           or w.storage_offset() != 0 or w.untyped_storage().nbytes() != w.numel() * w.element_size()
+           for w in weights):
         return
     with torch.no_grad():
         block = torch.stack([w.detach() for w in weights])

@@ -81,6 +81,28 @@ def _storage_and_fallback():
     return True
 
 
+def _moved_keeps_the_block():
+    import torch
+
+    from megatron.mcore_ext import experts as ex
+
+    mod = _experts_module()
+    ws = [e.linear_fc1.weight for e in mod.local_experts]
+    values = torch.stack([w.detach() for w in ws])
+    mod.double()  # as .cuda() / .to() / .bfloat16(): a new tensor for every parameter, then re-formed
+    ws = [e.linear_fc1.weight for e in mod.local_experts]
+    view = ex._stacked_view(ws)
+    assert view is not None and view.dtype == torch.float64 and view.data_ptr() == ws[0].data_ptr()
+    assert torch.equal(view, values.double())
+    assert ex._stacked_view([e.linear_fc2.weight for e in mod.local_experts]) is not None
+    return True
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no torch._grouped_mm")
+def test_moving_or_casting_the_experts_keeps_their_weights_in_one_block():
+    assert run_distributed(_moved_keeps_the_block, world_size=1) == [True]
+
+
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no torch._grouped_mm")
 def test_expert_weights_are_views_of_one_block_and_fall_back_to_a_copy():
     assert run_distributed(_storage_and_fallback, world_size=1) == [True]
@@ -96,6 +118,14 @@ def test_share_storage_skips_unequal_and_meta_weights():
     meta = [torch.nn.Parameter(torch.empty(4, 3, device="meta")) for _ in range(3)]
     ex._share_storage(meta)
     assert all(w.is_meta for w in meta)
+    # views into a buffer of someone else's (megatron DDP's, distributed optimizer) are left there
+    foreign = torch.zeros(100)
+    owned = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(3)]
+    for i, w in enumerate(owned):
+        w.data = foreign[40 - 12 * i:52 - 12 * i].view(4, 3)  # reverse order, as DDP lays them out
+    ptrs = [w.data_ptr() for w in owned]
+    ex._share_storage(owned)
+    assert [w.data_ptr() for w in owned] == ptrs
     same = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(3)]
     values = [w.detach().clone() for w in same]
     ex._share_storage(same)
