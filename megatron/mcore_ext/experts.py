@@ -81,17 +81,19 @@ class GroupedGemmSequentialMLP(SequentialMLP):
         self._share_expert_storage()
 
     def _apply(self, fn, *args, **kwargs):
-        """``.cuda()``, ``.to()``, ``.bfloat16()`` ... give every parameter a tensor of its own (a
-        model built on the CPU, e.g. ``--layout-independent-init``, is moved this way): put the
-        experts' weights back into one block afterwards, as ``torch.nn.RNNBase`` re-flattens its."""
+        """``.cuda()``, ``.to()``, ``.bfloat16()`` ... give every parameter a tensor of its own (the
+        local spec initialises on the CPU, ``LOCAL_SPEC_CONFIG``, and the trainer then moves the
+        model this way): put the experts' weights back into one block afterwards, as
+        ``torch.nn.RNNBase`` re-flattens its."""
         out = super()._apply(fn, *args, **kwargs)
         self._share_expert_storage()
         return out
 
     def _share_expert_storage(self) -> None:
-        if self.num_local_experts > 1:
-            _share_storage([e.linear_fc1.weight for e in self.local_experts])
-            _share_storage([e.linear_fc2.weight for e in self.local_experts])
+        experts = getattr(self, "local_experts", None)  # None while SequentialMLP.__init__ runs
+        if experts is not None and len(experts) > 1:
+            _share_storage([e.linear_fc1.weight for e in experts])
+            _share_storage([e.linear_fc2.weight for e in experts])
 
     def _grouped_ok(self, x: torch.Tensor) -> bool:
         cfg = self.config
