@@ -33,7 +33,7 @@ What a graph needs, and how it is met here:
   a small GEMM graph captured (and kept) before it removes that (``_prime``; measured with
   ``scripts/bench/layer_graphs_check.py``, ``MMDEV_GRAPH_PRIMER=0`` turns it off). The cause is
   state set up lazily in the first capture (our guess: a cuBLAS workspace), not proven;
-* the grouped experts' weights have no autograd edge (``experts._StackIntoMainGrad``): their
+* the grouped experts' weights have no autograd edge (``expert_weights._StackIntoMainGrad``): their
   ``_ANCHOR`` is passed as a graph input so the captured backward reaches that node;
 * Gated DeltaNet layers (fla's kernels only): fla sizes its kernel grids by the number of samples
   and of 64-token chunks. The samples are the padded ``max_segments`` (empty trailing segments);
@@ -312,7 +312,7 @@ class LayerGraphs:
         from megatron.core.packed_seq_params import PackedSeqParams
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-        from megatron.mcore_ext import experts
+        from megatron.mcore_ext import expert_weights
 
         if self._primer is None and os.environ.get("MMDEV_GRAPH_PRIMER", "1") != "0":
             self._primer = _prime(inputs[0])
@@ -325,7 +325,7 @@ class LayerGraphs:
                     raise ValueError("--cuda-graph-layers: the grouped experts must take the hook-free gradient "
                                      "path (skip_param_grad_hooks; gradient reduction not overlapped)")
                 params = tuple(p for p in layer.parameters() if p.requires_grad and id(p) not in skip_ids)
-                self._params[i] = params + ((experts._ANCHOR,) if skip_ids else ())
+                self._params[i] = params + ((expert_weights.ANCHOR,) if skip_ids else ())
                 self._experts[i] = [p for p in layer.parameters() if id(p) in skip_ids]
         if MoEAuxLossAutoScaler.main_loss_backward_scale is None:  # read by the captured backward
             MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=inputs[0].device))

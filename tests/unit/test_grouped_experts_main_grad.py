@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = r"""
 import json, sys, torch
-from megatron.mcore_ext import experts as ex
+from megatron.mcore_ext import experts as ex, expert_weights as ew
 mode = sys.argv[1]
 if mode == "megatron":  # the reference: plain stack, megatron's DDP with its per-parameter hooks
     from megatron.core.distributed import DistributedDataParallel
@@ -35,9 +35,9 @@ if mode == "megatron":  # the reference: plain stack, megatron's DDP with its pe
             return False
     MegatronDDP.__name__ = "DistributedDataParallel"
     mddp.BatchedGradDDP = MegatronDDP
-    ex._stacked = lambda weights, skip=False: torch.stack(weights)
+    ew.stacked = lambda weights, skip=False: torch.stack(weights)
 elif mode == "plain":
-    ex._stacked = lambda weights, skip=False: torch.stack(weights)   # autograd + DDP's per-parameter add_
+    ew.stacked = lambda weights, skip=False: torch.stack(weights)   # autograd + DDP's per-parameter add_
 elif mode == "hooked":  # the stack hook adds into main_grad, the per-expert .grad still flow
     ex.GroupedGemmSequentialMLP.skip_param_grad_hooks = property(lambda self: False, lambda self, v: None)
 from multimodal_dev import training

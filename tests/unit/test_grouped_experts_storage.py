@@ -1,5 +1,5 @@
 """The grouped experts read their stacked weights in place: each expert's ``linear_fc1`` /
-``linear_fc2`` weight is a view of one ``[E, out, in]`` block (``experts._share_storage``), so the
+``linear_fc2`` weight is a view of one ``[E, out, in]`` block (``expert_weights.share_storage``), so the
 forward's stack is a strided view, not a copy; when something gives a weight its own memory again
 (megatron's distributed optimizer does), the forward copies as before, with the same values and
 the same gradients into ``main_grad``. And inside a CUDA graph capture the stacked gradient is added
@@ -26,7 +26,7 @@ def _experts_module():
 def _storage_and_fallback():
     import torch
 
-    from megatron.mcore_ext import experts as ex
+    from megatron.mcore_ext import expert_weights as ew
 
     mod = _experts_module()
     for name in ("linear_fc1", "linear_fc2"):
@@ -34,7 +34,7 @@ def _storage_and_fallback():
         assert len(ws) > 1
         # one storage, expert order, no gap
         assert len({w.untyped_storage().data_ptr() for w in ws}) == 1, name
-        view = ex._stacked_view(ws)
+        view = ew.stacked_view(ws)
         assert view is not None and view.data_ptr() == ws[0].data_ptr(), name
         assert torch.equal(view, torch.stack([w.detach() for w in ws]))
         # an optimizer's in-place write into one expert is what the next forward reads
@@ -44,14 +44,14 @@ def _storage_and_fallback():
 
         # no gradient wanted (evaluation, frozen experts): read in place as well
         with torch.no_grad():
-            assert ex._stacked(ws, skip_param_grad_hooks=True).data_ptr() == ws[0].data_ptr()
+            assert ew.stacked(ws, skip_param_grad_hooks=True).data_ptr() == ws[0].data_ptr()
         for w in ws:
             w.requires_grad_(False)
-        assert ex._stacked(ws).data_ptr() == ws[0].data_ptr()
+        assert ew.stacked(ws).data_ptr() == ws[0].data_ptr()
         for w in ws:
             w.requires_grad_(True)
         # without main_grad (plain autograd) a copy whose gradient reaches each weight's .grad
-        stacked = ex._stacked(ws)
+        stacked = ew.stacked(ws)
         assert stacked.data_ptr() != ws[0].data_ptr() and stacked.requires_grad
 
         # the main_grad path: a view forward, every expert's gradient into its main_grad
@@ -59,7 +59,7 @@ def _storage_and_fallback():
             w.main_grad = torch.zeros_like(w, dtype=torch.float32)
             w.grad_added_to_main_grad = False
         scale = torch.randn((len(ws),) + tuple(ws[0].shape))
-        stacked = ex._stacked(ws, skip_param_grad_hooks=True)
+        stacked = ew.stacked(ws, skip_param_grad_hooks=True)
         assert stacked.data_ptr() == ws[0].data_ptr(), "the forward copied the weights"
         (stacked * scale).sum().backward()
         for i, w in enumerate(ws):
@@ -69,10 +69,10 @@ def _storage_and_fallback():
         # one weight re-homed (as megatron's distributed optimizer does to every parameter): the
         # layout check refuses the view, the forward stacks a copy, same values, same gradients
         ws[2].data = ws[2].data.clone()
-        assert ex._stacked_view(ws) is None
+        assert ew.stacked_view(ws) is None
         for w in ws:
             w.main_grad.zero_()
-        stacked = ex._stacked(ws, skip_param_grad_hooks=True)
+        stacked = ew.stacked(ws, skip_param_grad_hooks=True)
         assert stacked.data_ptr() != ws[0].data_ptr()
         assert torch.equal(stacked, torch.stack([w.detach() for w in ws]))
         (stacked * scale).sum().backward()
@@ -84,17 +84,17 @@ def _storage_and_fallback():
 def _moved_keeps_the_block():
     import torch
 
-    from megatron.mcore_ext import experts as ex
+    from megatron.mcore_ext import expert_weights as ew
 
     mod = _experts_module()
     ws = [e.linear_fc1.weight for e in mod.local_experts]
     values = torch.stack([w.detach() for w in ws])
     mod.double()  # as .cuda() / .to() / .bfloat16(): a new tensor for every parameter, then re-formed
     ws = [e.linear_fc1.weight for e in mod.local_experts]
-    view = ex._stacked_view(ws)
+    view = ew.stacked_view(ws)
     assert view is not None and view.dtype == torch.float64 and view.data_ptr() == ws[0].data_ptr()
     assert torch.equal(view, values.double())
-    assert ex._stacked_view([e.linear_fc2.weight for e in mod.local_experts]) is not None
+    assert ew.stacked_view([e.linear_fc2.weight for e in mod.local_experts]) is not None
     return True
 
 
@@ -109,14 +109,14 @@ def test_expert_weights_are_views_of_one_block_and_fall_back_to_a_copy():
 
 
 def test_share_storage_skips_unequal_and_meta_weights():
-    from megatron.mcore_ext import experts as ex
+    from megatron.mcore_ext import expert_weights as ew
 
     ws = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4, 2))]
     ptrs = [w.data_ptr() for w in ws]
-    ex._share_storage(ws)
-    assert [w.data_ptr() for w in ws] == ptrs and ex._stacked_view(ws) is None
+    ew.share_storage(ws)
+    assert [w.data_ptr() for w in ws] == ptrs and ew.stacked_view(ws) is None
     meta = [torch.nn.Parameter(torch.empty(4, 3, device="meta")) for _ in range(3)]
-    ex._share_storage(meta)
+    ew.share_storage(meta)
     assert all(w.is_meta for w in meta)
     # views into a buffer of someone else's (megatron DDP's, distributed optimizer) are left there
     foreign = torch.zeros(100)
@@ -124,18 +124,18 @@ def test_share_storage_skips_unequal_and_meta_weights():
     for i, w in enumerate(owned):
         w.data = foreign[40 - 12 * i:52 - 12 * i].view(4, 3)  # reverse order, as DDP lays them out
     ptrs = [w.data_ptr() for w in owned]
-    ex._share_storage(owned)
+    ew.share_storage(owned)
     assert [w.data_ptr() for w in owned] == ptrs
     same = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(3)]
     values = [w.detach().clone() for w in same]
-    ex._share_storage(same)
+    ew.share_storage(same)
     assert all(torch.equal(w, v) for w, v in zip(same, values))
-    assert ex._stacked_view(same) is not None
+    assert ew.stacked_view(same) is not None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graph capture)")
 def test_main_grad_add_under_capture_equals_the_cast_then_add():
-    from megatron.mcore_ext import experts as ex
+    from megatron.mcore_ext import expert_weights as ew
 
     g = torch.Generator(device="cuda").manual_seed(0)
     shape = (6, 96, 64)
@@ -149,13 +149,13 @@ def test_main_grad_add_under_capture_equals_the_cast_then_add():
         return ws
 
     eager = weights()
-    ex._add_to_main_grads(eager, grad)
+    ew.add_to_main_grads(eager, grad)
     graphed = weights()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        ex._add_to_main_grads(graphed, grad)
+        ew.add_to_main_grads(graphed, grad)
     torch.cuda.current_stream().wait_stream(stream)
     graph.replay()
     torch.cuda.synchronize()
