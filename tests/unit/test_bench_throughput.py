@@ -13,20 +13,27 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+BENCH = [sys.executable, str(ROOT / "scripts" / "bench" / "train_throughput.py"), "--variant", "tiny",
+         "--seq-length", "256", "--samples-per-step", "2"]
 
 
-def test_passes_report_the_last_pass_and_keep_the_first(tmp_path):
+def _run_bench(tmp_path, *args, check: bool = True):
+    """The bench (tiny, rows of 256, 2 samples a step) with ``args``, in a single-process
+    subprocess; its result and, when it succeeded, the JSON it wrote."""
     out = tmp_path / "tp.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(k, None)
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench" / "train_throughput.py"), "--variant", "tiny",
-           "--seq-length", "256", "--samples-per-step", "2", "--warmup", "1", "--steps", "3", "--passes", "2",
-           "--skip-hf", "--json", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = subprocess.run(BENCH + [*args, "--json", str(out)], capture_output=True, text=True, env=env, timeout=600,
+                       cwd=tmp_path)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r, (json.loads(out.read_text()) if r.returncode == 0 else None)
+
+
+def test_passes_report_the_last_pass_and_keep_the_first(tmp_path):
+    r, d = _run_bench(tmp_path, "--warmup", "1", "--steps", "3", "--passes", "2", "--skip-hf")
     assert r.stdout.count("(pass 2/2)") == 2 * 3  # both layouts, every timed step, second pass
-    d = json.loads(out.read_text())
     assert d["args"]["passes"] == 2
     by = {x["config"]: x for x in d["results"]}
     assert set(by) == {"ours-bshd", "ours-thd"}
@@ -47,16 +54,7 @@ def test_thd_row_multiple_pads_only_our_thd_rows(tmp_path):
     """``--thd-row-multiple``: our THD rows are padded (the JSON says by how much, and the padding is
     not counted as tokens), the forward-only check still finds the BSHD loss, the useful tokens
     per step are the same samples' as BSHD's."""
-    out = tmp_path / "tp.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench" / "train_throughput.py"), "--variant", "tiny",
-           "--seq-length", "256", "--samples-per-step", "2", "--warmup", "0", "--steps", "2",
-           "--skip-hf", "--thd-row-multiple", "384", "--json", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    d = json.loads(out.read_text())
+    _, d = _run_bench(tmp_path, "--warmup", "0", "--steps", "2", "--skip-hf", "--thd-row-multiple", "384")
     by = {x["config"]: x for x in d["results"]}
     thd, bshd = by["ours-thd"], by["ours-bshd"]
     assert thd["row_multiple"] == 384 and bshd["row_multiple"] is None
@@ -70,16 +68,8 @@ def test_ab_configs_train_a_second_model_with_the_extra_flags(tmp_path):
     """``ours-ab-*`` with ``--ab-megatron-args``: a second model of the same seed trained with the
     flags added (here a 1000x learning rate), reported beside ``ours-*`` with their ratio. The same
     initial weights and first batch give the same first loss; the flag shows in every later loss."""
-    out = tmp_path / "tp.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench" / "train_throughput.py"), "--variant", "tiny",
-           "--seq-length", "256", "--samples-per-step", "2", "--warmup", "0", "--steps", "3", "--skip-hf",
-           "--lr", "1e-5", "--configs", "ours-thd,ours-ab-thd", "--ab-megatron-args=--lr 1e-2", "--json", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    d = json.loads(out.read_text())
+    flags = ["--warmup", "0", "--steps", "3", "--skip-hf", "--lr", "1e-5", "--configs", "ours-thd,ours-ab-thd"]
+    _, d = _run_bench(tmp_path, *flags, "--ab-megatron-args=--lr 1e-2")
     by = {x["config"]: x for x in d["results"]}
     base, ab = by["ours-thd"], by["ours-ab-thd"]
     assert base["status"] == ab["status"] == "ok"
@@ -87,9 +77,7 @@ def test_ab_configs_train_a_second_model_with_the_extra_flags(tmp_path):
     assert abs(base["losses"][-1] - ab["losses"][-1]) > 1e-3, (base["losses"], ab["losses"])
     assert abs(d["summary"]["ab_over_base_thd"] - ab["tokens_per_s"] / base["tokens_per_s"]) < 1e-9
     # without the flags the ab configs are refused, naming the flag
-    no_ab = [a for a in cmd if not a.startswith("--ab-megatron-args")]
-    assert no_ab[-4:-2] == ["--configs", "ours-thd,ours-ab-thd"]
-    bad = subprocess.run(no_ab, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    bad, _ = _run_bench(tmp_path, *flags, check=False)
     assert bad.returncode != 0
     assert "--configs ours-ab-*: give the flags to compare with --ab-megatron-args" in bad.stderr, bad.stderr[-2000:]
 
@@ -241,16 +229,8 @@ def test_hf_amp_rows_are_a_second_hf_model_of_the_same_seed(tmp_path):
     """``hf-amp-*`` beside ``hf-*``: HF built twice from the same seed, once per precision (on a GPU
     bf16 params, and fp32 params + bf16 autocast; on CPU both run fp32, so their losses are equal),
     each row saying its precision, and ours over each HF row in the summary."""
-    out = tmp_path / "tp.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench" / "train_throughput.py"), "--variant", "tiny",
-           "--seq-length", "256", "--samples-per-step", "2", "--warmup", "0", "--steps", "2", "--no-gemm-check",
-           "--configs", "ours-thd,hf-bshd,hf-amp-bshd", "--json", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    d = json.loads(out.read_text())
+    _, d = _run_bench(tmp_path, "--warmup", "0", "--steps", "2", "--no-gemm-check",
+                      "--configs", "ours-thd,hf-bshd,hf-amp-bshd")
     by = {x["config"]: x for x in d["results"]}
     hf, amp = by["hf-bshd"], by["hf-amp-bshd"]
     assert hf["status"] == amp["status"] == "ok"
