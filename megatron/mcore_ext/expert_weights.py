@@ -29,12 +29,13 @@ so the flag stays off and the gradients flow as above.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
 import torch
 
-__all__ = ["share_storage", "stacked_view", "stacked", "add_to_main_grads", "ANCHOR"]
+__all__ = ["share_storage", "stacked_view", "stacked", "add_to_main_grads", "graph_form", "ANCHOR"]
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +113,30 @@ def add_to_main_grads(weights: list, grad: torch.Tensor) -> torch.Tensor:
     once, then one foreach add (two launches). Inside a CUDA graph capture, where launches cost
     nothing at replay: the uncast gradient, so that each expert's add converts in its own kernel
     (torch's foreach falls back to one add per tensor for mixed dtypes) -- 10 bytes an element
-    moved instead of 18 (the cast writes an fp32 copy that the add reads again)."""
+    moved instead of 18 (the cast writes an fp32 copy that the add reads again). Inside
+    ``graph_form()`` (``layer_graphs``' warm-up) the capture's form too, so that the warm-up loads
+    the kernels the capture records."""
     mains = [p.main_grad for p in weights]
-    if grad.dtype != mains[0].dtype and not (grad.is_cuda and torch.cuda.is_current_stream_capturing()):
-        grad = grad.to(mains[0].dtype)
-    torch._foreach_add_(mains, list(grad.unbind(0)))
+    captured = _GRAPH_FORM[0] > 0 or (grad.is_cuda and torch.cuda.is_current_stream_capturing())
+    added = grad if grad.dtype == mains[0].dtype or captured else grad.to(mains[0].dtype)
+    torch._foreach_add_(mains, list(added.unbind(0)))
     for p in weights:
         p.grad_added_to_main_grad = True  # DDP's hook: already in main_grad, do not add .grad
-    return grad
+    return grad  # as a tensor hook: the gradient autograd goes on with, unchanged
+
+
+_GRAPH_FORM = [0]  # > 0 inside graph_form()
+
+
+@contextlib.contextmanager
+def graph_form():
+    """Within: ``add_to_main_grads`` runs as inside a CUDA graph capture, captured or not (for a
+    warm-up that runs what the capture will record)."""
+    _GRAPH_FORM[0] += 1
+    try:
+        yield
+    finally:
+        _GRAPH_FORM[0] -= 1
 
 
 #: the one autograd input of ``_StackIntoMainGrad``: the weights are handed over as a plain list,

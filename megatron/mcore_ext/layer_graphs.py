@@ -34,7 +34,7 @@ What a graph needs, and how it is met here:
   ``scripts/bench/layer_graphs_check.py``, ``MMDEV_GRAPH_PRIMER=0`` turns it off). The cause is
   state set up lazily in the first capture (our guess: a cuBLAS workspace), not proven;
 * the grouped experts' weights have no autograd edge (``expert_weights._StackIntoMainGrad``): their
-  ``_ANCHOR`` is passed as a graph input so the captured backward reaches that node;
+  ``ANCHOR`` is passed as a graph input so the captured backward reaches that node;
 * Gated DeltaNet layers (fla's kernels only): fla sizes its kernel grids by the number of samples
   and of 64-token chunks. The samples are the padded ``max_segments`` (empty trailing segments);
   the chunks are ``T / 64`` when every packed sample is a multiple of 64 tokens
@@ -64,6 +64,8 @@ import time
 from typing import Optional
 
 import torch
+
+from megatron.mcore_ext import expert_weights
 
 log = logging.getLogger(__name__)
 
@@ -312,8 +314,6 @@ class LayerGraphs:
         from megatron.core.packed_seq_params import PackedSeqParams
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-        from megatron.mcore_ext import expert_weights
-
         if self._primer is None and os.environ.get("MMDEV_GRAPH_PRIMER", "1") != "0":
             self._primer = _prime(inputs[0])
         if self._pool is None:
@@ -367,8 +367,8 @@ class LayerGraphs:
 
         t0 = time.perf_counter()
         saved = _snapshot(self.layers)
-        try:
-            with _fla_tensor_cache_off(bool(self._gdn)):
+        try:  # graph_form: the warm-up adds the experts' gradients as the capture will
+            with _fla_tensor_cache_off(bool(self._gdn)), expert_weights.graph_form():
                 proxies, args = surface()
                 self._warm_up(fns, args, proxies)
                 proxies, args = surface()

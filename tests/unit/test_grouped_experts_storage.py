@@ -162,3 +162,29 @@ def test_main_grad_add_under_capture_equals_the_cast_then_add():
     for a, b, s in zip(eager, graphed, start):
         assert not torch.equal(a.main_grad, s)  # it did add
         assert torch.equal(a.main_grad, b.main_grad)
+
+
+@pytest.mark.parametrize("form", ["eager", "graph_form"])
+def test_main_grad_add_keeps_the_gradient_and_adds_it_exactly(form):
+    """bf16 weights with fp32 ``main_grad`` (a GPU run's dtypes) on the hooked path (gradient
+    reduction overlapped): the stack hook adds each expert's gradient into its buffer -- cast
+    first, or (``graph_form``, as in a CUDA graph's warm-up and capture) converted in each add, the
+    same sums either way -- and hands autograd the gradient it got, dtype and all."""
+    import contextlib
+
+    from megatron.mcore_ext import expert_weights as ew
+
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.nn.Parameter(torch.randn(5, 3, generator=g).bfloat16()) for _ in range(4)]
+    start = [torch.randn(5, 3, generator=g) for _ in ws]
+    for w, s in zip(ws, start):
+        w.main_grad = s.clone()
+        w.grad_added_to_main_grad = False
+    scale = torch.randn(4, 5, 3, generator=g).bfloat16()
+    with ew.graph_form() if form == "graph_form" else contextlib.nullcontext():
+        stacked = ew.stacked(ws)  # no skip: autograd still gives each weight its .grad
+        (stacked * scale).float().sum().backward()
+    for i, (w, s) in enumerate(zip(ws, start)):
+        assert w.grad.dtype == torch.bfloat16 and torch.equal(w.grad, scale[i])
+        assert torch.equal(w.main_grad, s + scale[i].float()), i
+        assert w.grad_added_to_main_grad
