@@ -19,7 +19,6 @@ whole experts), no FP8/FP4, probabilities applied after the activation, ``torch.
 available; otherwise it falls back to ``SequentialMLP.forward``. Plug it in through the spec
 (``use_grouped_experts``), like the router. On a GPU the SwiGLU and the probabilities are one
 fused kernel (megatron-core's weighted SwiGLU, ``_fused_swiglu_ok``).
-
 """
 from __future__ import annotations
 
