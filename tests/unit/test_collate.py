@@ -218,7 +218,7 @@ def check_batch(batch: dict, truths_: list[Truth], cfg: CollateConfig, n_truncat
     # A per-token tensor the CP split does not know raises there, and the THD/BSHD decision
     # downstream is made on the presence of cu_seqlens_padded: the key set is part of the contract.
     keys = {"tokens", "labels", "loss_mask", "position_ids", "padding_mask", "pixel_values", "image_grid_thw", "stats",
-            "image_tokens"}
+            "image_tokens", "loss_tokens"}
     if thd:
         keys |= {"cu_seqlens", "cu_seqlens_padded", "cu_seqlens_padded_host", "max_seqlen", "sequence_ids"}
     assert set(batch) == keys
@@ -259,6 +259,8 @@ def check_batch(batch: dict, truths_: list[Truth], cfg: CollateConfig, n_truncat
     assert torch.equal(batch["position_ids"], exp_pos)
     # the host count of image-token positions (the model's check reads it instead of the tokens)
     assert type(batch["image_tokens"]) is int and batch["image_tokens"] == int((exp_tok == IMG).sum())
+    # the host count of positions with loss (the LM head's row bound, mcore_ext.lm_head_rows)
+    assert type(batch["loss_tokens"]) is int and batch["loss_tokens"] == int(exp_loss.sum())
 
     # ---- the same facts, stated the way the contract states them ----
     pad = batch["padding_mask"]

@@ -95,7 +95,9 @@ def _batch(layout):
 
 
 def _rows(batch, rows):
-    return {k: (v[:, rows] if k == "position_ids" else v[rows]) for k, v in batch.items()}
+    # (host ints stay: loss_tokens is a bound on the loss positions, which a row subset keeps)
+    return {k: (v if not torch.is_tensor(v) else v[:, rows] if k == "position_ids" else v[rows])
+            for k, v in batch.items()}
 
 
 def _dp_batches():

@@ -360,6 +360,9 @@ def pack_or_pad_batch(samples: Sequence[Mapping], config: CollateConfig) -> dict
         # the image-token positions of the batch, on the host (the model checks the vision
         # encoder's output against it without reading the tokens back)
         "image_tokens": sum(int((sp[:, 1] - sp[:, 0]).sum()) for _, _, sp, _, _ in prepared),
+        # the positions with loss (loss_mask 1), on the host: the LM head runs on those rows only
+        # without reading the mask back (mcore_ext.lm_head_rows)
+        "loss_tokens": int(np.count_nonzero(labels_out != IGNORE_INDEX)),
     }
     if cfg.layout == "thd":
         cu = np.zeros(len(prepared) + 1, np.int32)
