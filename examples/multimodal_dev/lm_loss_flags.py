@@ -16,6 +16,11 @@ busy ~23 of its 156 ms (docs/performance.md, seventh session).
   ``native``: megatron-core's ``fused_vocab_parallel_cross_entropy`` (its steps under megatron's
   ``jit_fuser``, torch.compile; its backward casts the gradient to bf16, so bf16 runs only).
 
+Independent of these: the LM head and its loss run on the positions that carry loss only
+(``megatron.mcore_ext.lm_head_rows``; the same loss and gradients, the prompt / image / padding
+positions' logits are not computed); ``--lm-head-all-positions`` runs them on every position, as
+megatron-core does.
+
 Refused (``ArgumentError``, naming the flags): the chunked loss together with a fusion, ``te``
 without Transformer Engine, ``native`` without ``--bf16``, either with ``--distill`` (whose KD computes
 the LM loss itself from the student's logits, ``distill.loss``).
@@ -36,6 +41,9 @@ def add_arguments(g) -> None:
                    help="compute the training loss from the LM head in token chunks (megatron.mcore_ext."
                         "lm_loss) instead of from full [tokens, vocab] logits: less memory, one more LM-head "
                         "GEMM per step (docs/performance.md)")
+    g.add_argument("--lm-head-all-positions", action="store_true",
+                   help="run the LM head and its cross entropy on every position, as megatron-core does, "
+                        "instead of on the positions that carry loss only (the same loss and gradients)")
     g.add_argument("--cross-entropy-loss-fusion", action="store_true",
                    help="megatron-core's fused cross entropy for the LM loss (--cross-entropy-fusion-impl)")
     g.add_argument("--cross-entropy-fusion-impl", default="native", choices=["native", "te"],

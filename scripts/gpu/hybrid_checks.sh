@@ -7,8 +7,9 @@
 #            kernels for its own shapes, which a fresh machine did not finish in one call's bound, so
 #   gtests   test_gdn_gpu.py alone, and
 #   ltests   test_layer_graphs.py alone, for one call each
-#   units    the short GPU unit tests of the MoE layer (no fla): the sorted dispatch and fused SwiGLU
-#            against megatron's dispatcher / SequentialMLP, the expert gradients added under a capture
+#   units    the short GPU unit tests (no fla): the sorted dispatch and fused SwiGLU against megatron's
+#            dispatcher / SequentialMLP, the expert gradients added under a capture, the LM head on
+#            the loss rows (bf16, TE's cross entropy, no host sync)
 #   check    layer_graphs_check.py on proxy-hybrid: per-layer outputs, loss and gradients, graphed vs eager
 #   bench    the text bench of the HF anchor (4 x 2,048 tokens): ours THD eager and HF in one run
 #   graphs   the same, ours THD with --cuda-graph-layers (rows padded to 1,024, samples to 64)
@@ -47,7 +48,7 @@ for step in ${@:-tests check bench graphs mix profile gprofile pack}; do
     ltests) timeout "$S" python3 -m pytest -q -s -rs tests/unit/test_layer_graphs.py -p no:cacheprovider \
               > "$O/layer_graphs_tests.log" 2>&1; q < "$O/layer_graphs_tests.log" ;;
     units) timeout "$S" python3 -m pytest -q -rs -p no:cacheprovider tests/unit/test_sorted_dispatch.py \
-             tests/unit/test_grouped_experts_storage.py -k "gpu or capture" > "$O/units.log" 2>&1; q < "$O/units.log" ;;
+             tests/unit/test_grouped_experts_storage.py tests/unit/test_lm_head_rows.py -k "gpu or capture" > "$O/units.log" 2>&1; q < "$O/units.log" ;;
     check) timeout "$S" python3 scripts/bench/layer_graphs_check.py --variant proxy-hybrid --seq-length 2048 --steps 3 \
              > "$O/layer_graphs_check_hybrid.txt" 2>&1; q 12 < "$O/layer_graphs_check_hybrid.txt" ;;
     bench) timeout "$S" python3 scripts/bench/train_throughput.py $TXT --warmup 3 --steps 15 --configs ours-thd,hf-bshd \

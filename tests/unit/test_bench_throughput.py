@@ -82,6 +82,22 @@ def test_ab_configs_train_a_second_model_with_the_extra_flags(tmp_path):
     assert "--configs ours-ab-*: give the flags to compare with --ab-megatron-args" in bad.stderr, bad.stderr[-2000:]
 
 
+def test_the_lm_head_on_the_loss_rows_trains_as_megatrons_head_on_every_position(tmp_path):
+    """The trainer's default LM head (loss rows only, mcore_ext.lm_head_rows) against megatron's on
+    every position (``--lm-head-all-positions``), same seed and batches: the same losses over three
+    optimizer steps, BSHD and THD -- the two paths are one training run."""
+    flags = ["--warmup", "0", "--steps", "3", "--skip-hf", "--configs", "ours-bshd,ours-thd,ours-ab-bshd,ours-ab-thd"]
+    r, d = _run_bench(tmp_path, *flags, "--ab-megatron-args=--lm-head-all-positions")
+    by = {x["config"]: x for x in d["results"]}
+    for layout in ("bshd", "thd"):
+        rows, every = by[f"ours-{layout}"]["losses"], by[f"ours-ab-{layout}"]["losses"]
+        assert len(rows) == len(every) == 3
+        for a, b in zip(rows, every):
+            assert abs(a - b) <= 1e-5 * abs(b), (layout, rows, every)
+    said = r.stdout + r.stderr
+    assert "LM head: on the positions with loss only" in said and "LM head: on every position" not in said
+
+
 def test_cuda_graph_layers_needs_a_gpu(tmp_path):
     import torch
 

@@ -47,7 +47,7 @@ from multimodal_dev.models.contract import DataSpec
 
 __all__ = ["MultimodalModel", "packed_seq_params_from_batch"]
 
-_PER_TOKEN = ("tokens", "labels", "position_ids", "padding_mask", "sequence_ids")
+_PER_TOKEN = ("tokens", "labels", "loss_mask", "position_ids", "padding_mask", "sequence_ids")
 
 
 def packed_seq_params_from_batch(batch: dict) -> Optional[PackedSeqParams]:
@@ -225,15 +225,20 @@ class MultimodalModel(MegatronModule):
         labels = local.get("labels")
         if labels is not None:
             labels = labels.clamp(min=0)  # -100 -> any id; loss_mask removes them
+        # the loss positions and the collate's host count of them: a language model may run its
+        # LM head on those rows only (Qwen35GPTModel, mcore_ext.lm_head_rows)
+        loss_rows = batch.get("loss_tokens")
         return self.language_model(
             input_ids=local["tokens"],
             position_ids=position_ids,
             attention_mask=None,
             decoder_input=decoder_input,
             labels=labels,
+            loss_mask=local.get("loss_mask"),
             packed_seq_params=packed_seq_params_from_batch(batch),
             padding_mask=padding_mask,
-            **({"output_processor": _vocab_parallel_logits} if return_logits else {}),
+            **({"output_processor": _vocab_parallel_logits} if return_logits
+               else {"output_processor_context": {"loss_rows": loss_rows}} if loss_rows is not None else {}),
         )
 
 

@@ -108,6 +108,8 @@ class BuildOptions:
     padding_aware_router: ``PaddingAwareTopKRouter`` in every MoE layer (padding excluded from
         every routing statistic); off only for comparisons.
     chunked_lm_loss: the training loss from the LM head in token chunks (``mcore_ext.lm_loss``).
+    lm_head_loss_rows: the training loss from the LM head on the positions with loss only
+        (``mcore_ext.lm_head_rows``; the same loss and gradients; ``--lm-head-all-positions`` turns it off).
     cross_entropy_fusion: None, or megatron-core's fused LM cross entropy, "native" or "te"
         (``TransformerConfig.cross_entropy_loss_fusion`` / ``cross_entropy_fusion_impl``).
     gdn_kernels: Gated DeltaNet kernels: "fla", "torch" or "auto" (``mcore_ext.gdn``).
@@ -126,6 +128,7 @@ class BuildOptions:
     sync_free_dispatch: bool = True
     padding_aware_router: bool = True
     chunked_lm_loss: bool = False
+    lm_head_loss_rows: bool = True
     cross_entropy_fusion: Optional[str] = None
     gdn_kernels: str = "auto"
     layout_independent_init: bool = False

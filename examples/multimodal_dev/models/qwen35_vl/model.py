@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from typing import Optional
 
 import torch
@@ -30,6 +31,8 @@ from multimodal_dev.models.registry import register_architecture
 
 __all__ = ["Qwen35GPTModel", "build_qwen35_language_model", "build_qwen35_vl", "build_from_configs"]
 
+_log = logging.getLogger(__name__)
+
 
 class Qwen35GPTModel(GPTModel):
     """``GPTModel`` with HF's interleaved MRoPE (``InterleavedMRoPE``) as ``rotary_pos_emb``.
@@ -43,12 +46,16 @@ class Qwen35GPTModel(GPTModel):
     attention layer is ``packed_rope.PackedRopeSelfAttention`` (the local spec), which applies
     this rank's angles as they are, in one pass.
 
-    With labels and ``chunked_lm_loss``, the LM head and its cross entropy run in token chunks
-    (``megatron.mcore_ext.lm_loss``: the same [b, s] loss without [tokens, vocab] logits in
-    memory); without labels the logits come back as ever.
+    With labels, ``loss_mask`` and ``lm_head_loss_rows``, the LM head and its cross entropy run on
+    the positions that carry loss only (``megatron.mcore_ext.lm_head_rows``: the same [b, s] loss,
+    0 elsewhere), given the collate's host count of them as ``output_processor_context={"loss_rows":
+    int}``; with ``chunked_lm_loss`` they run in token chunks (``megatron.mcore_ext.lm_loss``: no
+    [tokens, vocab] logits in memory), also on the loss rows only; without labels the logits come
+    back as ever.
     """
 
-    def __init__(self, config, transformer_layer_spec, *, mrope_section, chunked_lm_loss: bool = False, **kwargs):
+    def __init__(self, config, transformer_layer_spec, *, mrope_section, chunked_lm_loss: bool = False,
+                 lm_head_loss_rows: bool = True, **kwargs):
         kwargs.setdefault("position_embedding_type", "mrope")
         if kwargs["position_embedding_type"] != "mrope":
             raise ValueError("Qwen35GPTModel needs position_embedding_type='mrope'")
@@ -69,13 +76,47 @@ class Qwen35GPTModel(GPTModel):
 
         self._local_thd_angles = takes_local_thd_angles(self)
         self.chunked_lm_loss = bool(chunked_lm_loss)
+        self.lm_head_loss_rows = bool(lm_head_loss_rows)
+        self._loss_rows_logged = False
 
     def forward(self, *args, **kwargs):
         labels = kwargs.get("labels", args[4] if len(args) > 4 else None)  # GPTModel.forward's 5th
-        if (labels is not None and kwargs.get("output_processor") is None and self.chunked_lm_loss
-                and not self.config.use_mup):  # MuP scales the logits: megatron's path
-            kwargs["output_processor"] = self._chunked_loss
+        if labels is not None and kwargs.get("output_processor") is None and not self.config.use_mup:
+            # (MuP scales the logits: megatron's path)
+            rows = self._loss_rows_bound(kwargs)
+            if rows is not None:
+                kwargs["output_processor"] = functools.partial(self._loss_rows, rows)
+            elif self.chunked_lm_loss:
+                kwargs["output_processor"] = self._chunked_loss
         return super().forward(*args, **kwargs)
+
+    def _loss_rows_bound(self, kwargs) -> Optional[int]:
+        """The host bound on the loss positions when the LM head runs on those rows only, else None;
+        the first call with ``lm_head_loss_rows`` on logs which, and why not."""
+        from megatron.mcore_ext import lm_head_rows
+
+        if not self.lm_head_loss_rows or not self.post_process or kwargs.get("loss_mask") is None:
+            return None
+        context = kwargs.get("output_processor_context")
+        bound = context.get("loss_rows") if isinstance(context, dict) else None
+        why = lm_head_rows.applies(self.output_layer, self.config, bound)
+        if not self._loss_rows_logged:
+            self._loss_rows_logged = True
+            if why is None:
+                n = kwargs["loss_mask"].numel()
+                _log.info("LM head: on the positions with loss only (the first micro-batch: at most %d of %d on this "
+                          "rank; --lm-head-all-positions: on every position)", min(int(bound), n), n)
+            else:
+                _log.info("LM head: on every position, not only those with loss: %s", why)
+        return int(bound) if why is None else None
+
+    def _loss_rows(self, bound, *, hidden_states, output_layer, output_weight, labels, loss_mask,
+                   compute_language_model_loss, **unused):
+        from megatron.mcore_ext.lm_head_rows import loss_rows_lm_loss
+
+        return loss_rows_lm_loss(hidden_states, labels, loss_mask, bound, output_layer=output_layer,
+                                 output_weight=output_weight, compute_language_model_loss=compute_language_model_loss,
+                                 chunked=self.chunked_lm_loss)
 
     def _chunked_loss(self, *, hidden_states, output_layer, output_weight, labels, **unused):
         from megatron.mcore_ext.lm_loss import chunked_lm_loss
@@ -141,6 +182,7 @@ def build_qwen35_language_model(
         spec,
         mrope_section=text_cfg.mrope_section,
         chunked_lm_loss=options.chunked_lm_loss,
+        lm_head_loss_rows=options.lm_head_loss_rows,
         pre_process=pre,
         post_process=post,
         parallel_output=parallel_output,
