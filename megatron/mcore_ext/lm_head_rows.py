@@ -22,9 +22,9 @@ with ``loss_mask == 0`` contributed ``0 * loss`` and an exactly zero logit gradi
 dummy slot: those rows recompute the last position's logits and their losses are written to the
 dummy slot and dropped, so they receive no gradient. A bound below the mask's count makes the
 loss NaN (the run then stops at its non-finite check rather than train on with positions
-dropped). The bound is clipped to the number of
-positions, so under context parallelism (``bound`` is the whole micro-batch's count) a rank gains
-only where the loss positions are fewer than its share.
+dropped). The bound is clipped to the number of positions, so under context parallelism
+(``bound`` is the whole micro-batch's count) a rank gains only where the loss positions are fewer
+than its share.
 
 Under sequence parallelism each TP rank holds ``s/TP`` positions, and the output layer all-gathers
 equal slices of its input: the rows are chosen from the gathered sequence (the same rows on every
@@ -66,11 +66,10 @@ def loss_rows_lm_loss(hidden_states: torch.Tensor, labels: torch.Tensor, loss_ma
     """The ``[b, s]`` fp32 per-token loss of ``GPTModel``, from the LM head on the loss rows only.
 
     hidden_states: ``[s, b, h]`` (``[s/TP, b, h]`` under sequence parallelism), the decoder's output
-    (after its final norm); labels: ``[b, s]``
-    int (any id where the mask is 0); loss_mask: ``[b, s]``, non-zero where a token carries loss;
-    bound: an upper bound (host int) on the non-zero positions of ``loss_mask``. ``chunked``: the
-    loss through ``lm_loss.chunked_lm_loss`` (no ``[rows, V/TP]`` logits kept) instead of the output
-    layer + ``compute_language_model_loss``.
+    after its final norm; labels: ``[b, s]`` int (any id where the mask is 0); loss_mask: ``[b, s]``,
+    non-zero where a token carries loss; bound: an upper bound (host int) on the non-zero positions
+    of ``loss_mask``. ``chunked``: the loss through ``lm_loss.chunked_lm_loss`` (no ``[rows, V/TP]``
+    logits kept) instead of the output layer + ``compute_language_model_loss``.
     """
     tp, rank = _tp(output_layer)
     if tp > 1:  # the whole sequence, [s, b, h]; backward: reduce-scatter to this rank's positions
