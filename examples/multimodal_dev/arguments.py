@@ -384,7 +384,8 @@ def _model(a: argparse.Namespace, layout: Layout) -> ModelArgs:
                      transformer_impl=a.transformer_impl,
                      plugins=tuple(a.plugin), grouped_experts=not a.no_grouped_experts,
                      sync_free_dispatch=not a.no_sync_free_dispatch, chunked_lm_loss=a.chunked_lm_loss,
-                     lm_head_loss_rows=not a.lm_head_all_positions, cross_entropy_fusion=lm_loss_flags.fusion_from_flags(a), gdn_kernels=a.gdn_kernels,
+                     lm_head_loss_rows=not a.lm_head_all_positions,
+                     cross_entropy_fusion=lm_loss_flags.fusion_from_flags(a), gdn_kernels=a.gdn_kernels,
                      layout_independent_init=a.layout_independent_init, padding_mask=not a.no_padding_mask,
                      cuda_graph_layers=a.cuda_graph_layers, moe=moe, recompute=recompute.options_from_flags(a),
                      freeze=freezing.parts_from_flags(a))

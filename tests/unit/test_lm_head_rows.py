@@ -137,7 +137,8 @@ def _tp_case(sequence_parallel: bool):
     model = _model(text, sequence_parallel=sequence_parallel)
     if sequence_parallel:  # the embeddings scattered as MultimodalModel does (the model's own do not)
         def step(bound=None):
-            emb = tensor_parallel.scatter_to_sequence_parallel_region(model.embedding(input_ids=tokens, position_ids=pos))
+            emb = model.embedding(input_ids=tokens, position_ids=pos)
+            emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
             return _step(model, tokens, labels, pos, mask, weights, bound=bound, decoder_input=emb)
     else:
         def step(bound=None):
