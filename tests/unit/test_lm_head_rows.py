@@ -125,16 +125,17 @@ def test_chunked_loss_on_the_loss_rows():
     assert run_distributed(_chunked_case, world_size=1) == [True]
 
 
-def _tp_case(sequence_parallel: bool):
+def _tp_case(sequence_parallel: bool, chunked: bool = False):
     """TP=2 + SP, each rank holding V/2 rows of the head and half the positions: the rows come from
     the gathered sequence, each rank hands the layer half of them (the bound rounded up to a
-    multiple of 2) and the reduce-scatters bring the gradients back to each rank's positions."""
+    multiple of 2) and the reduce-scatters bring the gradients back to each rank's positions;
+    ``chunked``: the same rows through the chunked loss, which gathers them itself."""
     from megatron.core import tensor_parallel
 
     text, tokens, labels, pos, mask, weights = _batch()
     mask[0, 5] = 0  # an odd count: the SP rows are rounded up
     n = int(mask.sum())
-    model = _model(text, sequence_parallel=sequence_parallel)
+    model = _model(text, sequence_parallel=sequence_parallel, chunked_lm_loss=chunked)
     if sequence_parallel:  # the embeddings scattered as MultimodalModel does (the model's own do not)
         def step(bound=None):
             emb = model.embedding(input_ids=tokens, position_ids=pos)
@@ -143,16 +144,22 @@ def _tp_case(sequence_parallel: bool):
     else:
         def step(bound=None):
             return _step(model, tokens, labels, pos, mask, weights, bound=bound)
-    want = step()
+    if chunked:  # the reference: megatron's head (the chunked loss hands the output layer nothing)
+        model.lm_head_loss_rows, model.chunked_lm_loss = True, False
+        want = step()
+        model.chunked_lm_loss = True
+    else:
+        want = step()
     got = step(bound=n)
-    assert got[2] == ([(n + 1) // 2] if sequence_parallel else [n]), got[2]
+    assert got[2] == ([] if chunked else [(n + 1) // 2] if sequence_parallel else [n]), got[2]
     _equal(got, want, mask)
     return True
 
 
-def test_loss_rows_under_tensor_and_sequence_parallelism():
+@pytest.mark.parametrize("chunked", [False, True], ids=["head", "chunked"])
+def test_loss_rows_under_tensor_and_sequence_parallelism(chunked):
     # (TP without SP: megatron-core refuses MoE training under TP without SP, so only SP is a layout)
-    assert run_distributed(_tp_case, world_size=2, tp=2, args=(True,)) == [True, True]
+    assert run_distributed(_tp_case, world_size=2, tp=2, args=(True, chunked)) == [True, True]
 
 
 def _fallback_case():
