@@ -222,8 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--thd-sample-multiple", type=int, default=None,
                    help="THD: pad each packed sample to a multiple of this many tokens, besides what the layout "
                         "needs (default: 64, fla's chunk, with --cuda-graph-layers (for Gated DeltaNet layers), else 1)")
-    lm_loss_flags.add_arguments(g)  # --chunked-lm-loss, --cross-entropy-loss-fusion, --cross-entropy-fusion-impl
-
+    lm_loss_flags.add_arguments(g)  # --chunked-lm-loss, --lm-head-all-positions, --cross-entropy-loss-fusion(-impl)
     g.add_argument("--gdn-kernels", default="auto", choices=["auto", "fla", "torch"],
                    help="Gated DeltaNet kernels: flash-linear-attention (GPU) or our pure-PyTorch ones; auto = "
                         "fla when it imports and a GPU is present")
@@ -381,11 +380,9 @@ def _model(a: argparse.Namespace, layout: Layout) -> ModelArgs:
         raise ArgumentError("--layout-independent-init draws random weights; --hf-checkpoint gives them: use one")
     variant = a.variant if a.variant is not None or a.hf_checkpoint else "tiny"
     return ModelArgs(arch=a.model_arch, variant=variant, hf_checkpoint=a.hf_checkpoint,
-                     transformer_impl=a.transformer_impl,
+                     transformer_impl=a.transformer_impl, gdn_kernels=a.gdn_kernels,
                      plugins=tuple(a.plugin), grouped_experts=not a.no_grouped_experts,
-                     sync_free_dispatch=not a.no_sync_free_dispatch, chunked_lm_loss=a.chunked_lm_loss,
-                     lm_head_loss_rows=not a.lm_head_all_positions,
-                     cross_entropy_fusion=lm_loss_flags.fusion_from_flags(a), gdn_kernels=a.gdn_kernels,
+                     sync_free_dispatch=not a.no_sync_free_dispatch, **lm_loss_flags.model_options(a),
                      layout_independent_init=a.layout_independent_init, padding_mask=not a.no_padding_mask,
                      cuda_graph_layers=a.cuda_graph_layers, moe=moe, recompute=recompute.options_from_flags(a),
                      freeze=freezing.parts_from_flags(a))

@@ -32,7 +32,7 @@ from typing import Optional
 
 from multimodal_dev.argument_error import ArgumentError
 
-__all__ = ["add_arguments", "fusion_from_flags"]
+__all__ = ["add_arguments", "fusion_from_flags", "model_options"]
 
 
 def add_arguments(g) -> None:
@@ -49,6 +49,12 @@ def add_arguments(g) -> None:
     g.add_argument("--cross-entropy-fusion-impl", default="native", choices=["native", "te"],
                    help="with --cross-entropy-loss-fusion: te = Transformer Engine's kernel; native = "
                         "megatron-core's torch.compile'd one (bf16 runs only: its gradient is bf16)")
+
+
+def model_options(a: argparse.Namespace) -> dict:
+    """The LM head's fields of ``ModelArgs`` (and so of ``BuildOptions``) from the flags."""
+    return dict(chunked_lm_loss=a.chunked_lm_loss, lm_head_loss_rows=not a.lm_head_all_positions,
+                cross_entropy_fusion=fusion_from_flags(a))
 
 
 def fusion_from_flags(a: argparse.Namespace) -> Optional[str]:

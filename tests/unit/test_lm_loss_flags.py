@@ -1,6 +1,7 @@
 """``--cross-entropy-loss-fusion`` / ``--cross-entropy-fusion-impl`` (``multimodal_dev.lm_loss_flags``):
 refused where they cannot work, and when given they reach megatron's ``TransformerConfig`` fields
-(that the model's loss then goes through the fused function: ``test_lm_loss.py``)."""
+(that the model's loss then goes through the fused function: ``test_lm_loss.py``); and
+``--lm-head-all-positions`` reaches the builder."""
 from __future__ import annotations
 
 import pytest
@@ -61,3 +62,12 @@ def test_the_flags_reach_megatrons_config_fields():
     on = dataclasses.replace(off, model=dataclasses.replace(off.model, cross_entropy_fusion="native"))
     o = on.build_options().config_overrides()
     assert o["cross_entropy_loss_fusion"] is True and o["cross_entropy_fusion_impl"] == "native"
+
+
+def test_the_lm_head_runs_on_the_loss_rows_unless_told_every_position():
+    """``--lm-head-all-positions`` reaches the builder (``BuildOptions.lm_head_loss_rows``) and the
+    model; the default is the loss rows (mcore_ext.lm_head_rows; same loss: test_lm_head_rows.py)."""
+    from multimodal_dev.arguments import parse_args
+
+    on, off = parse_args(BASE, world_size=1), parse_args([*BASE, "--lm-head-all-positions"], world_size=1)
+    assert on.build_options().lm_head_loss_rows is True and off.build_options().lm_head_loss_rows is False
