@@ -30,8 +30,8 @@ Under sequence parallelism each TP rank holds ``s/TP`` positions, and the output
 equal slices of its input: the rows are chosen from the gathered sequence (the same rows on every
 rank), the bound is rounded up to a multiple of TP, and each rank hands the output layer its
 ``1/TP`` of them, which the layer gathers back; the backward's reduce-scatters (the layer's, then
-the sequence gather's) bring each position's gradient home. Not used (``applies`` says why, and
-the model keeps megatron's path): MuP (its logit scaling), no labels (the logits path), no bound.
+the sequence gather's) bring each position's gradient home. The model (``Qwen35GPTModel``) keeps
+megatron's path under MuP (its logit scaling), without labels (the logits path) and without a bound.
 """
 from __future__ import annotations
 
@@ -40,16 +40,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["applies", "loss_rows_lm_loss"]
-
-
-def applies(output_layer, config, bound: Optional[int]) -> Optional[str]:
-    """None when ``loss_rows_lm_loss`` can run for this output layer and config, else the reason."""
-    if bound is None:
-        return "no host count of the loss positions (the batch has no 'loss_tokens')"
-    if getattr(config, "use_mup", False):
-        return "MuP (megatron scales the logits)"
-    return None
+__all__ = ["loss_rows_lm_loss"]
 
 
 def _tp(output_layer) -> tuple[int, int]:
@@ -102,6 +93,5 @@ def loss_rows_lm_loss(hidden_states: torch.Tensor, labels: torch.Tensor, loss_ma
     out = loss.new_zeros(n + 1).index_put((idx,), loss.reshape(rows).to(torch.float32))
     # a bound below the mask's count would drop loss positions without a trace: such a batch's loss
     # is made NaN instead (on the device, no host read), which stops the run at its non-finite check
-    short = keep.sum() > rows
-    out = torch.where(short, torch.full_like(out, float("nan")), out)
+    out = out.masked_fill(keep.sum() > rows, float("nan"))
     return out[:n].view(s, b).transpose(0, 1).contiguous()

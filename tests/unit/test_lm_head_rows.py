@@ -1,7 +1,7 @@
 """The LM head on the loss rows only (``megatron.mcore_ext.lm_head_rows``): Qwen3.5 tiny's masked
 training loss and every gradient equal megatron-core's LM head on every position -- with the
 collate's exact count, a larger bound (a cut batch), no loss position at all, the chunked loss,
-and under tensor parallelism with and without sequence parallelism -- the output layer sees only
+and under tensor + sequence parallelism -- the output layer sees only
 the bound's rows, positions without loss get 0, a bound below the mask's count makes the loss NaN,
 and without a count the model keeps megatron's path and says why, once."""
 from __future__ import annotations
@@ -125,7 +125,7 @@ def test_chunked_loss_on_the_loss_rows():
     assert run_distributed(_chunked_case, world_size=1) == [True]
 
 
-def _tp_case(sequence_parallel: bool, chunked: bool = False):
+def _tp_case(chunked: bool):
     """TP=2 + SP, each rank holding V/2 rows of the head and half the positions: the rows come from
     the gathered sequence, each rank hands the layer half of them (the bound rounded up to a
     multiple of 2) and the reduce-scatters bring the gradients back to each rank's positions;
@@ -135,23 +135,16 @@ def _tp_case(sequence_parallel: bool, chunked: bool = False):
     text, tokens, labels, pos, mask, weights = _batch()
     mask[0, 5] = 0  # an odd count: the SP rows are rounded up
     n = int(mask.sum())
-    model = _model(text, sequence_parallel=sequence_parallel, chunked_lm_loss=chunked)
-    if sequence_parallel:  # the embeddings scattered as MultimodalModel does (the model's own do not)
-        def step(bound=None):
-            emb = model.embedding(input_ids=tokens, position_ids=pos)
-            emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
-            return _step(model, tokens, labels, pos, mask, weights, bound=bound, decoder_input=emb)
-    else:
-        def step(bound=None):
-            return _step(model, tokens, labels, pos, mask, weights, bound=bound)
-    if chunked:  # the reference: megatron's head (the chunked loss hands the output layer nothing)
-        model.lm_head_loss_rows, model.chunked_lm_loss = True, False
-        want = step()
-        model.chunked_lm_loss = True
-    else:
-        want = step()
+    model = _model(text, sequence_parallel=True)
+
+    def step(bound=None):  # the embeddings scattered as MultimodalModel does (the model's own are not)
+        emb = tensor_parallel.scatter_to_sequence_parallel_region(model.embedding(input_ids=tokens, position_ids=pos))
+        return _step(model, tokens, labels, pos, mask, weights, bound=bound, decoder_input=emb)
+
+    want = step()  # megatron's head
+    model.chunked_lm_loss = chunked
     got = step(bound=n)
-    assert got[2] == ([] if chunked else [(n + 1) // 2] if sequence_parallel else [n]), got[2]
+    assert got[2] == ([] if chunked else [(n + 1) // 2]), got[2]  # the chunked loss hands the layer nothing
     _equal(got, want, mask)
     return True
 
@@ -159,7 +152,7 @@ def _tp_case(sequence_parallel: bool, chunked: bool = False):
 @pytest.mark.parametrize("chunked", [False, True], ids=["head", "chunked"])
 def test_loss_rows_under_tensor_and_sequence_parallelism(chunked):
     # (TP without SP: megatron-core refuses MoE training under TP without SP, so only SP is a layout)
-    assert run_distributed(_tp_case, world_size=2, tp=2, args=(True, chunked)) == [True, True]
+    assert run_distributed(_tp_case, world_size=2, tp=2, args=(chunked,)) == [True, True]
 
 
 def _fallback_case():

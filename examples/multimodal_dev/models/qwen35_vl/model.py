@@ -93,13 +93,11 @@ class Qwen35GPTModel(GPTModel):
     def _loss_rows_bound(self, kwargs) -> Optional[int]:
         """The host bound on the loss positions when the LM head runs on those rows only, else None;
         the first call with ``lm_head_loss_rows`` on logs which, and why not."""
-        from megatron.mcore_ext import lm_head_rows
-
         if not self.lm_head_loss_rows or not self.post_process or kwargs.get("loss_mask") is None:
             return None
         context = kwargs.get("output_processor_context")
         bound = context.get("loss_rows") if isinstance(context, dict) else None
-        why = lm_head_rows.applies(self.output_layer, self.config, bound)
+        why = None if bound is not None else "no host count of the loss positions (the batch has no 'loss_tokens')"
         if not self._loss_rows_logged:
             self._loss_rows_logged = True
             if why is None:
